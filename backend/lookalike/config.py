@@ -1,0 +1,94 @@
+"""Settings: one object, read from the environment (12-factor).
+
+Every setting is documented in the README's settings table; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+DEFAULT_MODEL = "open_clip:ViT-B-32/laion2b_s34b_b79k"
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used."""
+
+
+def _env_bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ConfigError(f"expected a boolean (true/false), got {value!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Lookalike's configuration. `Settings.from_env()` builds it from `LOOKALIKE_*` etc."""
+
+    data_dir: Path = field(default=Path(".lookalike"), metadata={"env": "LOOKALIKE_DATA_DIR"})
+    model: str = field(default=DEFAULT_MODEL, metadata={"env": "LOOKALIKE_MODEL"})
+    weights: str = field(default="", metadata={"env": "LOOKALIKE_WEIGHTS"})
+    device: str = field(default="auto", metadata={"env": "LOOKALIKE_DEVICE"})
+    batch_size: int = field(default=0, metadata={"env": "LOOKALIKE_BATCH_SIZE"})
+    max_image_pixels: int = field(default=89_478_485, metadata={"env": "LOOKALIKE_MAX_IMAGE_PIXELS"})
+    max_download_bytes: int = field(
+        default=50 * 1024 * 1024, metadata={"env": "LOOKALIKE_MAX_DOWNLOAD_BYTES"}
+    )
+    download_timeout: float = field(default=20.0, metadata={"env": "LOOKALIKE_DOWNLOAD_TIMEOUT"})
+    redis_url: str = field(default="redis://localhost:6379/0", metadata={"env": "REDIS_URL"})
+    label_studio_url: str = field(
+        default="http://localhost:8080", metadata={"env": "LABEL_STUDIO_URL"}
+    )
+    label_studio_api_key: str = field(
+        default="", repr=False, metadata={"env": "LABEL_STUDIO_API_KEY"}
+    )
+    queue_name: str = field(default="lookalike", metadata={"env": "LOOKALIKE_QUEUE"})
+    index_batch_size: int = field(default=64, metadata={"env": "LOOKALIKE_INDEX_BATCH"})
+    max_attempts: int = field(default=3, metadata={"env": "LOOKALIKE_MAX_ATTEMPTS"})
+    similar_k: int = field(default=20, metadata={"env": "LOOKALIKE_SIMILAR_K"})
+    set_sampling: bool = field(default=True, metadata={"env": "LOOKALIKE_SET_SAMPLING"})
+    auto_prioritize: bool = field(default=True, metadata={"env": "LOOKALIKE_AUTO_PRIORITIZE"})
+    auto_k: int = field(default=10, metadata={"env": "LOOKALIKE_AUTO_K"})
+    model_version: str = field(default="lookalike", metadata={"env": "LOOKALIKE_MODEL_VERSION"})
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        environ = dict(os.environ if environ is None else environ)
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            name = f.metadata["env"]
+            if name not in environ:
+                continue
+            raw = environ[name]
+            try:
+                if f.type in ("bool", bool):
+                    values[f.name] = _env_bool(raw)
+                elif f.type in ("int", int):
+                    values[f.name] = int(raw)
+                elif f.type in ("float", float):
+                    values[f.name] = float(raw)
+                elif f.type in ("Path", Path):
+                    values[f.name] = Path(raw).expanduser()
+                else:
+                    values[f.name] = raw
+            except (ValueError, ConfigError) as exc:
+                raise ConfigError(f"{name}={raw!r}: {exc}") from exc
+        return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def model_cache_dir(self) -> Path:
+        """Where hub weights are downloaded to (kept under the data directory)."""
+        return self.data_dir / "models"
+
+    @property
+    def collections_dir(self) -> Path:
+        return self.data_dir / "collections"
+
+    @staticmethod
+    def env_names() -> dict[str, str]:
+        """Field name -> environment variable, for docs and error messages."""
+        return {f.name: f.metadata["env"] for f in fields(Settings)}

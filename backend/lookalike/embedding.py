@@ -1,0 +1,264 @@
+"""Embedders: images (and text, where the model has a text tower) to L2-normalised vectors.
+
+A model is named by one spec string, `family:name[/pretrained]`:
+
+- `open_clip:ViT-B-32/laion2b_s34b_b79k`  open_clip model with hub weights (the default)
+- `timm:vit_small_patch14_dinov2.lvd142m` timm image-only model with hub weights
+- `open_clip:ViT-B-32/random`             random weights, seeded; only for tests and plumbing
+
+`LOOKALIKE_WEIGHTS=/path/file` loads a local weights file instead of the hub.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+RANDOM = "random"
+RANDOM_SEED = 20240229  # fixed, so every process builds the same random model
+
+
+class EmbedderError(RuntimeError):
+    """The model cannot be built or cannot do what was asked."""
+
+
+class WeightsUnavailableError(EmbedderError):
+    """Pretrained weights could not be loaded (offline, missing file, wrong file)."""
+
+
+class TextNotSupportedError(EmbedderError):
+    """The model is image-only: text queries need a model with a text tower (open_clip)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str  # "open_clip" or "timm"
+    name: str
+    pretrained: str  # hub tag, "" for the model's default, or "random"
+
+    @classmethod
+    def parse(cls, spec: str) -> ModelSpec:
+        family, sep, rest = spec.partition(":")
+        if not sep or family not in {"open_clip", "timm"} or not rest:
+            raise EmbedderError(
+                f"model spec {spec!r} is not 'open_clip:NAME/PRETRAINED' or 'timm:NAME'"
+                " (LOOKALIKE_MODEL)"
+            )
+        name, _, pretrained = rest.partition("/")
+        return cls(family, name, pretrained)
+
+    @property
+    def is_random(self) -> bool:
+        return self.pretrained == RANDOM
+
+    def __str__(self) -> str:
+        return f"{self.family}:{self.name}" + (f"/{self.pretrained}" if self.pretrained else "")
+
+
+class Embedder(Protocol):
+    spec: str
+    dim: int
+    input_size: int
+    device: str
+    batch_size: int
+    supports_text: bool
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray: ...
+
+    def embed_text(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def pick_device(requested: str = "auto") -> str:
+    if requested and requested != "auto":
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_batch_size(device: str) -> int:
+    # CPU throughput flattens out early and big batches only cost memory; GPUs want more.
+    return 128 if device.startswith("cuda") else 32
+
+
+def _normalise(features: torch.Tensor) -> np.ndarray:
+    features = features.float()
+    features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return features.cpu().numpy().astype(np.float32, copy=False)
+
+
+def _weights_help(spec: ModelSpec, cause: BaseException) -> str:
+    return (
+        f"could not load weights for {spec}: {cause}. Either allow this machine to download "
+        f"them once (they are cached under LOOKALIKE_DATA_DIR/models), or download the weights "
+        f"file elsewhere and point LOOKALIKE_WEIGHTS at it (see the README, 'Weights offline')."
+    )
+
+
+class _TorchEmbedder:
+    """Shared batching for torch image models; subclasses supply the forward passes."""
+
+    spec: str
+    dim: int
+    input_size: int
+    device: str
+    supports_text: bool = False
+
+    def __init__(self, model: torch.nn.Module, preprocess, device: str, batch_size: int) -> None:  # noqa: ANN001
+        self.model = model.to(device).eval()
+        self.preprocess = preprocess
+        self.device = device
+        self.batch_size = batch_size or default_batch_size(device)
+
+    def _image_features(self, batch: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        out = np.empty((len(images), self.dim), dtype=np.float32)
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            batch = torch.stack([self.preprocess(img) for img in chunk]).to(self.device)
+            with torch.inference_mode():
+                out[start : start + len(chunk)] = _normalise(self._image_features(batch))
+        return out
+
+    def embed_text(self, texts: Sequence[str]) -> np.ndarray:
+        raise TextNotSupportedError(
+            f"{self.spec} is an image-only model and cannot embed text; use an open_clip model "
+            f"(LOOKALIKE_MODEL=open_clip:ViT-B-32/laion2b_s34b_b79k) for text search"
+        )
+
+
+class OpenClipEmbedder(_TorchEmbedder):
+    supports_text = True
+
+    def __init__(self, spec: ModelSpec, weights: str, cache_dir: Path, device: str, batch_size: int):
+        import open_clip
+
+        pretrained: str | None
+        if spec.is_random:
+            torch.manual_seed(RANDOM_SEED)
+            pretrained = None
+        elif weights:
+            if not Path(weights).is_file():
+                raise WeightsUnavailableError(
+                    f"LOOKALIKE_WEIGHTS={weights} does not exist or is not a file"
+                )
+            pretrained = weights
+        else:
+            pretrained = spec.pretrained or None
+            if pretrained is None:
+                raise WeightsUnavailableError(
+                    f"{spec} names no pretrained tag; use e.g. "
+                    f"open_clip:{spec.name}/laion2b_s34b_b79k, set LOOKALIKE_WEIGHTS, or "
+                    f"ask for random weights explicitly with open_clip:{spec.name}/random"
+                )
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.name, pretrained=pretrained, cache_dir=str(cache_dir), device="cpu"
+            )
+        except RuntimeError as exc:
+            if "Unknown model" in str(exc) or "Model config" in str(exc):
+                raise EmbedderError(f"open_clip has no model {spec.name!r}: {exc}") from exc
+            raise WeightsUnavailableError(_weights_help(spec, exc)) from exc
+        except Exception as exc:  # hub/network/file errors come in many types
+            raise WeightsUnavailableError(_weights_help(spec, exc)) from exc
+        super().__init__(model, preprocess, device, batch_size)
+        self.spec = str(spec)
+        self.tokenizer = open_clip.get_tokenizer(spec.name)
+        size = model.visual.image_size
+        self.input_size = int(size[0] if isinstance(size, tuple | list) else size)
+        with torch.inference_mode():
+            probe = self.tokenizer(["probe"]).to(device)
+            self.dim = int(model.encode_text(probe).shape[-1])
+
+    def _image_features(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(batch)
+
+    def embed_text(self, texts: Sequence[str]) -> np.ndarray:
+        texts = list(texts)
+        if not texts or any(not t or not t.strip() for t in texts):
+            raise EmbedderError("text queries must be non-empty strings")
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for start in range(0, len(texts), self.batch_size):
+            tokens = self.tokenizer(texts[start : start + self.batch_size]).to(self.device)
+            with torch.inference_mode():
+                out[start : start + len(tokens)] = _normalise(self.model.encode_text(tokens))
+        return out
+
+
+class TimmEmbedder(_TorchEmbedder):
+    def __init__(self, spec: ModelSpec, weights: str, cache_dir: Path, device: str, batch_size: int):
+        import timm
+        from timm.data import create_transform, resolve_data_config
+
+        name = spec.name + (f".{spec.pretrained}" if spec.pretrained and not spec.is_random else "")
+        kwargs: dict = {"num_classes": 0}
+        if spec.is_random:
+            torch.manual_seed(RANDOM_SEED)
+            kwargs["pretrained"] = False
+        elif weights:
+            if not Path(weights).is_file():
+                raise WeightsUnavailableError(
+                    f"LOOKALIKE_WEIGHTS={weights} does not exist or is not a file"
+                )
+            kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": weights})
+        else:
+            kwargs.update(pretrained=True, cache_dir=str(cache_dir))
+        try:
+            model = timm.create_model(name, **kwargs)
+        except RuntimeError as exc:
+            if "Unknown model" in str(exc):
+                raise EmbedderError(f"timm has no model {name!r}: {exc}") from exc
+            raise WeightsUnavailableError(_weights_help(spec, exc)) from exc
+        except Exception as exc:
+            raise WeightsUnavailableError(_weights_help(spec, exc)) from exc
+        config = resolve_data_config({}, model=model)
+        super().__init__(model, create_transform(**config), device, batch_size)
+        self.spec = str(spec)
+        self.input_size = int(config["input_size"][-1])
+        self.dim = int(model.num_features)
+
+    def _image_features(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model(batch)
+
+
+def load_embedder(
+    spec: str,
+    weights: str = "",
+    cache_dir: Path | str = Path(".lookalike/models"),
+    device: str = "auto",
+    batch_size: int = 0,
+) -> Embedder:
+    """Build the embedder a spec names. Raises `WeightsUnavailableError` with how to fix it."""
+    parsed = ModelSpec.parse(spec)
+    device = pick_device(device)
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Hub libraries read these; point them into our cache so nothing lands in $HOME unasked.
+    os.environ.setdefault("HF_HOME", str(cache_dir / "huggingface"))
+    os.environ.setdefault("TORCH_HOME", str(cache_dir / "torch"))
+    cls = OpenClipEmbedder if parsed.family == "open_clip" else TimmEmbedder
+    if parsed.is_random:
+        log.warning("using RANDOM weights for %s (asked for explicitly): results are noise", spec)
+    embedder = cls(parsed, weights, cache_dir, device, batch_size)
+    log.info("loaded %s (dim %d) on %s", embedder.spec, embedder.dim, device)
+    return embedder
+
+
+def embedder_from_settings(settings) -> Embedder:  # noqa: ANN001 - Settings, avoids a cycle
+    return load_embedder(
+        settings.model,
+        weights=settings.weights,
+        cache_dir=settings.model_cache_dir,
+        device=settings.device,
+        batch_size=settings.batch_size,
+    )

@@ -1,0 +1,217 @@
+"""Image loading: bytes, a path or an http(s) URL into an RGB PIL image.
+
+Every failure raises `ImageLoadError` with a `reason` code and a message that says what was
+wrong, so callers can record it per file or per task and carry on.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# Never let Pillow quietly decode half an image: a truncated file is an error here.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+)
+
+
+class ImageLoadError(ValueError):
+    """An image could not be loaded. `reason` is a short machine-readable code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.args[0]}"
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Guards applied to every image we decode or download."""
+
+    max_pixels: int = 89_478_485  # Pillow's own default bomb threshold
+    max_download_bytes: int = 50 * 1024 * 1024
+    download_timeout: float = 20.0
+
+    @classmethod
+    def from_settings(cls, settings) -> ImageLimits:  # noqa: ANN001 - avoids an import cycle
+        return cls(
+            max_pixels=settings.max_image_pixels,
+            max_download_bytes=settings.max_download_bytes,
+            download_timeout=settings.download_timeout,
+        )
+
+
+def is_url(source: object) -> bool:
+    return isinstance(source, str) and source.lower().startswith(("http://", "https://"))
+
+
+def fetch_url(
+    url: str,
+    limits: ImageLimits = ImageLimits(),
+    headers: dict[str, str] | None = None,
+    session: requests.Session | None = None,
+) -> bytes:
+    """Download `url`, refusing bodies larger than the limit and slow servers."""
+    getter = session or requests
+    try:
+        with getter.get(url, stream=True, timeout=limits.download_timeout, headers=headers) as r:
+            if r.status_code >= 400:
+                raise ImageLoadError("http_error", f"GET {url} returned HTTP {r.status_code}")
+            declared = r.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > limits.max_download_bytes:
+                raise ImageLoadError(
+                    "too_large",
+                    f"{url} is {int(declared)} bytes, over the "
+                    f"{limits.max_download_bytes}-byte download limit",
+                )
+            chunks: list[bytes] = []
+            size = 0
+            for chunk in r.iter_content(chunk_size=64 * 1024):
+                size += len(chunk)
+                if size > limits.max_download_bytes:
+                    raise ImageLoadError(
+                        "too_large",
+                        f"{url} exceeds the {limits.max_download_bytes}-byte download limit",
+                    )
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except requests.Timeout as exc:
+        raise ImageLoadError(
+            "timeout", f"GET {url} took longer than {limits.download_timeout:g}s"
+        ) from exc
+    except requests.RequestException as exc:
+        raise ImageLoadError("download_failed", f"GET {url} failed: {exc}") from exc
+
+
+def read_source(source: bytes | str | os.PathLike[str], limits: ImageLimits = ImageLimits()) -> bytes:
+    """The raw bytes of an image source: bytes as they are, a URL downloaded, a path read."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        return bytes(source)
+    if is_url(source):
+        return fetch_url(str(source), limits)
+    path = Path(source)
+    try:
+        size = path.stat().st_size
+        if size > limits.max_download_bytes:
+            raise ImageLoadError(
+                "too_large", f"{path} is {size} bytes, over the {limits.max_download_bytes}-byte limit"
+            )
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ImageLoadError("not_found", f"{path} does not exist") from exc
+    except IsADirectoryError as exc:
+        raise ImageLoadError("not_a_file", f"{path} is a directory") from exc
+    except OSError as exc:
+        raise ImageLoadError("unreadable", f"{path} cannot be read: {exc}") from exc
+
+
+def decode_image(
+    data: bytes,
+    limits: ImageLimits = ImageLimits(),
+    draft_size: int | None = None,
+    name: str = "image",
+) -> Image.Image:
+    """Decode bytes into an RGB image with EXIF orientation applied.
+
+    `draft_size` lets JPEG decode at a reduced scale (Pillow draft mode) when the model only
+    needs a small input: the result keeps at least `draft_size` pixels on its shorter side.
+    """
+    if not data:
+        raise ImageLoadError("empty", f"{name} is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns before it errors on bombs; we want the error, at our own threshold.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > limits.max_pixels:
+            raise ImageLoadError(
+                "too_many_pixels",
+                f"{name} is {width}x{height} = {width * height} pixels, over the "
+                f"{limits.max_pixels}-pixel limit (LOOKALIKE_MAX_IMAGE_PIXELS)",
+            )
+        if draft_size and image.format == "JPEG":
+            # Picks the largest DCT scale that keeps both sides >= the requested size.
+            scale = max(1, min(width, height) // draft_size)
+            if scale >= 2:
+                image.draft("RGB", (width // scale, height // scale))
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return to_rgb(image)
+    except ImageLoadError:
+        raise
+    except UnidentifiedImageError as exc:
+        raise ImageLoadError("not_an_image", f"{name} is not an image Pillow can read") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError("too_many_pixels", f"{name}: {exc}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # Pillow reports truncated or corrupt data as OSError/SyntaxError from load().
+        raise ImageLoadError("corrupt", f"{name} is corrupt or truncated: {exc}") from exc
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparency is flattened onto white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in {"I;16", "I;16B", "I;16L", "I;16N", "I"}:
+        # 16/32-bit greyscale: scale the actual range into 8 bits instead of clipping.
+        import numpy as np
+
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        scaled = (array - low) * (255.0 / (high - low)) if high > low else array * 0
+        return Image.fromarray(scaled.astype("uint8"), mode="L").convert("RGB")
+    if image.mode == "F":
+        import numpy as np
+
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        scaled = (array - low) * (255.0 / (high - low)) if high > low else array * 0
+        return Image.fromarray(scaled.astype("uint8"), mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in {"RGBA", "LA", "PA", "RGBa", "La"}:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(
+    source: bytes | str | os.PathLike[str],
+    limits: ImageLimits = ImageLimits(),
+    draft_size: int | None = None,
+) -> Image.Image:
+    """Load bytes, a path or an http(s) URL as an RGB image (see `decode_image`)."""
+    name = "image bytes" if isinstance(source, bytes | bytearray | memoryview) else str(source)
+    return decode_image(read_source(source, limits), limits, draft_size=draft_size, name=name)
+
+
+Box = tuple[float, float, float, float]
+
+
+def crop(image: Image.Image, box: Box, unit: str = "px") -> Image.Image:
+    """Crop `box` = (x, y, width, height) in pixels (`unit="px"`) or percent (`unit="%"`)."""
+    x, y, w, h = (float(v) for v in box)
+    if unit == "%":
+        x, w = x * image.width / 100.0, w * image.width / 100.0
+        y, h = y * image.height / 100.0, h * image.height / 100.0
+    elif unit != "px":
+        raise ValueError(f"box unit must be 'px' or '%', not {unit!r}")
+    left, top = max(0, round(x)), max(0, round(y))
+    right, bottom = min(image.width, round(x + w)), min(image.height, round(y + h))
+    if right - left < 1 or bottom - top < 1:
+        raise ImageLoadError(
+            "empty_box", f"box {box} ({unit}) is empty inside a {image.width}x{image.height} image"
+        )
+    return image.crop((left, top, right, bottom))

@@ -1,0 +1,118 @@
+"""CLI commands of the Label Studio backend: serve, worker, sync, status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lookalike.config import Settings
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="run the ML backend's HTTP server (gunicorn) for Label Studio",
+        description="Serve Label Studio's ML-backend protocol (/health, /setup, /predict, "
+        "/webhook, /versions) and the REST API under /api. Indexing runs in `lookalike worker`.",
+    )
+    serve.add_argument("--host", default="0.0.0.0", help="address to bind (default: 0.0.0.0)")
+    serve.add_argument("--port", type=int, default=9090, help="port (default: 9090)")
+    serve.add_argument("--threads", type=int, default=8, help="request threads (default: 8)")
+    serve.set_defaults(handler=cmd_serve)
+
+    worker = commands.add_parser(
+        "worker",
+        help="run an RQ worker that indexes Label Studio tasks in the background",
+        description="Process jobs from Redis (REDIS_URL): syncing projects, embedding tasks, "
+        "removing deleted ones, automatic prioritization. Start as many as you like.",
+    )
+    worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    worker.set_defaults(handler=cmd_worker)
+
+    sync = commands.add_parser("sync", help="enqueue a resync of a Label Studio project")
+    sync.add_argument("project", type=int, help="Label Studio project id")
+    sync.set_defaults(handler=cmd_sync)
+
+    status = commands.add_parser("status", help="print each project's indexing progress")
+    status.add_argument("--json", action="store_true", help="print as JSON")
+    status.set_defaults(handler=cmd_status)
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from gunicorn.app.base import BaseApplication
+
+    from lookalike.app import create_app
+
+    app = create_app(settings)
+
+    class _Server(BaseApplication):
+        def load_config(self) -> None:
+            self.cfg.set("bind", f"{args.host}:{args.port}")
+            # One process, many threads: the model and the in-memory indexes are loaded once.
+            self.cfg.set("workers", 1)
+            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("threads", args.threads)
+            self.cfg.set("timeout", 120)
+            self.cfg.set("accesslog", "-")
+
+        def load(self):
+            return app
+
+    _Server().run()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    import redis
+    from rq import Queue, SimpleWorker
+
+    from lookalike import jobs
+
+    connection = redis.Redis.from_url(settings.redis_url)
+    queue = Queue(settings.queue_name, connection=connection)
+    jobs.embedder()  # load the model up front: fail fast with a clear message if it cannot
+    # SimpleWorker runs jobs in this process, so the model is loaded once, not per job.
+    worker = SimpleWorker([queue], connection=connection)
+    worker.work(burst=args.burst, with_scheduler=True, logging_level="INFO")
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace, settings: Settings) -> int:
+    import redis
+    from rq import Queue
+
+    from lookalike import jobs
+
+    queue = Queue(settings.queue_name, connection=redis.Redis.from_url(settings.redis_url))
+    job = queue.enqueue(jobs.sync_project, args.project, job_timeout=3600)
+    print(f"resync of project {args.project} enqueued (job {job.id})")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    import redis
+    from rq import Queue
+
+    from lookalike.state import ProjectState, known_projects
+
+    connection = redis.Redis.from_url(settings.redis_url)
+    statuses = [ProjectState(connection, p).status() for p in known_projects(connection)]
+    queued = Queue(settings.queue_name, connection=connection).count
+    if args.json:
+        print(json.dumps({"queued_jobs": queued, "projects": statuses}, indent=2))
+        return 0
+    if not statuses:
+        print("no projects yet: connect Lookalike to a Label Studio project")
+    for s in statuses:
+        total = max(s["total"], 1)
+        done = int(30 * (s["indexed"] + s["failed"]) / total)
+        bar = "#" * done + "-" * (30 - done)
+        print(
+            f"project {s['project']:>5} [{bar}] {s['indexed']}/{s['total']} indexed, "
+            f"{s['pending']} pending, {s['failed']} failed"
+        )
+        for f in s["failures"][:10]:
+            print(f"    task {f['task_id']}: {f['reason']}", file=sys.stdout)
+    print(f"{queued} job(s) queued")
+    return 0

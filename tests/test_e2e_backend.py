@@ -1,0 +1,540 @@
+"""End to end: a real Label Studio 1.23.2, a real Redis, real `lookalike serve` and `worker`.
+
+Two backends share one Label Studio and one Redis (separate queues and databases):
+- "photos": EfficientNet-Lite0 with real ImageNet weights, so augmented copies of real photos are
+  ground truth for box and whole-image queries, auto-prioritization and the webhooks;
+- "clip": open_clip ViT-B-32 with random weights (asked for explicitly), for the text path:
+  random weights give no meaningful text ranking offline, so the test checks that the tab holds
+  exactly the REST API's top matches for the same prompt, and that exact duplicates score 1.0.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from PIL import Image, ImageEnhance, ImageOps
+from skimage import data as skdata
+from tests.services import (
+    LabelStudioServer,
+    free_port,
+    label_studio_server,
+    local_http_server,
+    lookalike_process,
+    redis_server,
+    wait_http,
+)
+
+from lookalike.weights import convert_efficientnet_lite0
+
+pytestmark = pytest.mark.e2e
+
+PLUGIN_CONFIG = (Path(__file__).resolve().parents[1] / "plugin_config.xml").read_text()
+PHOTOS = ["chelsea", "coffee", "astronaut", "rocket", "camera", "horse", "immunohistochemistry"]
+# (skimage's "cat" is the same photo as "chelsea": never use both as different images.)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+def photo(name: str) -> Image.Image:
+    array = getattr(skdata, name)()
+    return Image.fromarray(array).convert("RGB")
+
+
+def augmented(image: Image.Image) -> Image.Image:
+    """A near duplicate: crop, flip, colour change and JPEG recompression."""
+    w, h = image.size
+    out = image.crop((int(w * 0.06), int(h * 0.05), int(w * 0.94), int(h * 0.95)))
+    out = ImageOps.mirror(out)
+    out = ImageEnhance.Color(out).enhance(1.3)
+    buffer = io.BytesIO()
+    out.save(buffer, "JPEG", quality=60)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def jpeg_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=92)
+    return buffer.getvalue()
+
+
+@dataclass
+class Backend:
+    url: str
+    ml_id: int
+    project: int
+
+    def status(self) -> dict[str, Any]:
+        return requests.get(
+            f"{self.url}/api/projects/{self.project}/index-status", timeout=10
+        ).json()
+
+    def similar(self, **body: Any) -> requests.Response:
+        return requests.post(
+            f"{self.url}/api/projects/{self.project}/similar", json=body, timeout=60
+        )
+
+
+@dataclass
+class Stack:
+    ls: LabelStudioServer
+    photos: Backend
+    clip: Backend
+    names: dict[str, int]  # file name -> task id in the photos project
+    image_url: str
+    image_dir: Path
+    photos_redis_url: str
+
+
+def create_project(ls: LabelStudioServer, title: str) -> int:
+    response = ls.request(
+        "POST", "/api/projects/", json={"title": title, "label_config": PLUGIN_CONFIG}
+    )
+    assert response.status_code == 201, response.text
+    return int(response.json()["id"])
+
+
+def upload(ls: LabelStudioServer, project: int, files: dict[str, bytes]) -> None:
+    payload = {
+        f"file{i}": (name, body, "image/jpeg") for i, (name, body) in enumerate(files.items())
+    }
+    response = ls.request("POST", f"/api/projects/{project}/import", files=payload)
+    assert response.status_code == 201, response.text
+
+
+def import_urls(ls: LabelStudioServer, project: int, urls: list[str]) -> None:
+    response = ls.request(
+        "POST", f"/api/projects/{project}/import", json=[{"image": u} for u in urls]
+    )
+    assert response.status_code == 201, response.text
+
+
+def task_ids_by_name(ls: LabelStudioServer, project: int) -> dict[str, int]:
+    response = ls.request("GET", "/api/tasks/", params={"project": project, "page_size": 1000})
+    out = {}
+    for task in response.json()["tasks"]:
+        name = task["data"]["image"].rsplit("/", 1)[-1]
+        out[name.split("-", 1)[-1] if "/upload/" in task["data"]["image"] else name] = task["id"]
+    return out
+
+
+def connect(ls: LabelStudioServer, project: int, url: str, title: str) -> int:
+    response = ls.request(
+        "POST",
+        "/api/ml/",
+        json={"url": url, "project": project, "title": title, "is_interactive": True},
+    )
+    assert response.status_code == 201, response.text
+    return int(response.json()["id"])
+
+
+def interactive(ls: LabelStudioServer, ml_id: int, task: int, region: dict[str, Any]) -> dict:
+    response = ls.request(
+        "POST",
+        f"/api/ml/{ml_id}/interactive-annotating",
+        json={"task": task, "context": {"result": [region]}},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def tab(ls: LabelStudioServer, project: int, title: str) -> tuple[int, list[int]]:
+    views = ls.request("GET", "/api/dm/views/", params={"project": project}).json()
+    matching = [v for v in views if v["data"].get("title") == title]
+    assert len(matching) == 1, [v["data"].get("title") for v in views]
+    view_id = matching[0]["id"]
+    tasks = ls.request(
+        "GET", "/api/tasks/", params={"project": project, "view": view_id, "page_size": 100}
+    ).json()["tasks"]
+    return view_id, [t["id"] for t in tasks]
+
+
+def next_task(ls: LabelStudioServer, project: int) -> int:
+    response = ls.request(
+        "POST", "/api/dm/actions/", params={"id": "next_task", "project": project}, json={}
+    )
+    assert response.status_code == 200, response.text
+    return int(response.json()["id"])
+
+
+def status_message(reply: dict) -> str:
+    return reply["data"]["result"][0]["value"]["text"][0]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("e2e")
+    weights = convert_efficientnet_lite0(root / "efficientnet_lite0.pth")
+    image_dir = root / "images"
+    image_dir.mkdir()
+    uploads: dict[str, bytes] = {}
+    for name in PHOTOS[:5]:
+        uploads[f"{name}.jpg"] = jpeg_bytes(photo(name))
+        uploads[f"{name}_copy.jpg"] = jpeg_bytes(augmented(photo(name)))
+    uploads["broken.jpg"] = b"\xff\xd8\xff\xe0 this is not really a jpeg"
+    for name in PHOTOS[5:]:  # served over plain http: imported by URL
+        (image_dir / f"{name}.jpg").write_bytes(jpeg_bytes(photo(name)))
+        (image_dir / f"{name}_copy.jpg").write_bytes(jpeg_bytes(augmented(photo(name))))
+
+    with (
+        redis_server(root / "redis") as redis_url,
+        label_studio_server(root / "ls") as ls,
+        local_http_server(image_dir) as image_url,
+    ):
+        common = {
+            "LABEL_STUDIO_URL": ls.url,
+            "LABEL_STUDIO_API_KEY": ls.api_key,
+            "LOOKALIKE_SIMILAR_K": "5",
+            "LOOKALIKE_AUTO_K": "3",
+        }
+        photos_env = {
+            **common,
+            "REDIS_URL": redis_url.rsplit("/", 1)[0] + "/1",
+            "LOOKALIKE_DATA_DIR": str(root / "photos-data"),
+            "LOOKALIKE_MODEL": "timm:efficientnet_lite0",
+            "LOOKALIKE_WEIGHTS": str(weights),
+        }
+        clip_env = {
+            **common,
+            "REDIS_URL": redis_url.rsplit("/", 1)[0] + "/2",
+            "LOOKALIKE_DATA_DIR": str(root / "clip-data"),
+            "LOOKALIKE_MODEL": "open_clip:ViT-B-32/random",
+            "LOOKALIKE_SET_SAMPLING": "false",
+        }
+        photos_port, clip_port = free_port(), free_port()
+        with (
+            lookalike_process(["worker"], photos_env, root / "photos-worker-1.log"),
+            lookalike_process(["worker"], photos_env, root / "photos-worker-2.log"),
+            lookalike_process(["worker"], clip_env, root / "clip-worker.log"),
+            lookalike_process(
+                ["serve", "--host", "127.0.0.1", "--port", str(photos_port)],
+                photos_env,
+                root / "photos-serve.log",
+            ) as photos_proc,
+            lookalike_process(
+                ["serve", "--host", "127.0.0.1", "--port", str(clip_port)],
+                clip_env,
+                root / "clip-serve.log",
+            ) as clip_proc,
+        ):
+            photos_url = f"http://127.0.0.1:{photos_port}"
+            clip_url = f"http://127.0.0.1:{clip_port}"
+            wait_http(
+                f"{photos_url}/health", 60, proc=photos_proc, log_path=root / "photos-serve.log"
+            )
+            wait_http(f"{clip_url}/health", 60, proc=clip_proc, log_path=root / "clip-serve.log")
+
+            photos_project = create_project(ls, "photos")
+            upload(ls, photos_project, uploads)
+            import_urls(
+                ls,
+                photos_project,
+                [f"{image_url}/{n}.jpg" for n in PHOTOS[5:]]
+                + [f"{image_url}/{n}_copy.jpg" for n in PHOTOS[5:]],
+            )
+            photos_ml = connect(ls, photos_project, photos_url, "lookalike-photos")
+
+            clip_project = create_project(ls, "clip")
+            clip_files = {f"{n}.jpg": jpeg_bytes(photo(n)) for n in PHOTOS}
+            clip_files["chelsea_again.jpg"] = clip_files["chelsea.jpg"]
+            upload(ls, clip_project, clip_files)
+            clip_ml = connect(ls, clip_project, clip_url, "lookalike-clip")
+
+            yield Stack(
+                ls=ls,
+                photos=Backend(photos_url, photos_ml, photos_project),
+                clip=Backend(clip_url, clip_ml, clip_project),
+                names=task_ids_by_name(ls, photos_project),
+                image_url=image_url,
+                image_dir=image_dir,
+                photos_redis_url=photos_env["REDIS_URL"],
+            )
+
+
+@pytest.fixture(scope="module")
+def indexed(stack: Stack) -> Stack:
+    total = len(stack.names)
+    wait_for(
+        lambda: (s := stack.photos.status())["indexed"] + s["failed"] == total or None,
+        240,
+        "the photos project to be indexed",
+    )
+    wait_for(
+        lambda: stack.clip.status()["indexed"] == len(PHOTOS) + 1 or None,
+        240,
+        "the clip project to be indexed",
+    )
+    return stack
+
+
+def test_index_status_counts_and_broken_image(indexed: Stack) -> None:
+    status = indexed.photos.status()
+    assert status["total"] == len(indexed.names) == 15
+    assert status["indexed"] == 14
+    assert status["failed"] == 1 and status["pending"] == 0
+    [failure] = status["failures"]
+    assert failure["task_id"] == indexed.names["broken.jpg"]
+    assert "not_an_image" in failure["reason"] or "corrupt" in failure["reason"]
+
+
+def test_interactive_box_query_fills_tab_and_priority(indexed: Stack) -> None:
+    ls, names = indexed.ls, indexed.names
+    query = names["chelsea.jpg"]
+    image = photo("chelsea")
+    region = {
+        "type": "rectanglelabels",
+        "from_name": "lookalike_box",
+        "to_name": "image",
+        "original_width": image.width,
+        "original_height": image.height,
+        "value": {
+            "x": 25,
+            "y": 5,
+            "width": 50,
+            "height": 70,
+            "rotation": 0,
+            "rectanglelabels": ["Find similar"],
+        },
+    }
+    reply = interactive(ls, indexed.photos.ml_id, query, region)
+    title = f"Similar to #{query} (box)"
+    message = status_message(reply)
+    assert f"tab '{title}'" in message and "Label All Tasks" in message, message
+    _, tasks = tab(ls, indexed.photos.project, title)
+    assert tasks[0] == names["chelsea_copy.jpg"]
+    assert query not in tasks and len(tasks) == 5
+    # The project now serves Lookalike's matches first through Uncertainty sampling.
+    project = ls.request("GET", f"/api/projects/{indexed.photos.project}").json()
+    assert project["sampling"] == "Uncertainty sampling"
+    assert next_task(ls, indexed.photos.project) == names["chelsea_copy.jpg"]
+
+    # The same query again updates its tab instead of adding one.
+    interactive(ls, indexed.photos.ml_id, query, region)
+    tab(ls, indexed.photos.project, title)
+
+
+def test_whole_image_query_and_full_box(indexed: Stack) -> None:
+    ls, names = indexed.ls, indexed.names
+    for name, region in [
+        (
+            "coffee",
+            {
+                "type": "keypointlabels",
+                "from_name": "lookalike_image",
+                "to_name": "image",
+                "value": {"x": 50, "y": 50, "keypointlabels": ["Find similar: whole image"]},
+            },
+        ),
+        (
+            "astronaut",
+            {
+                "type": "rectanglelabels",
+                "from_name": "lookalike_box",
+                "to_name": "image",
+                "value": {
+                    "x": 0,
+                    "y": 0,
+                    "width": 100,
+                    "height": 100,
+                    "rotation": 0,
+                    "rectanglelabels": ["Find similar"],
+                },
+            },
+        ),
+        (
+            "horse",
+            {
+                "type": "keypointlabels",
+                "from_name": "lookalike_image",
+                "to_name": "image",
+                "value": {"x": 5, "y": 5, "keypointlabels": ["Find similar: whole image"]},
+            },
+        ),
+    ]:
+        query = names[f"{name}.jpg"]
+        reply = interactive(ls, indexed.photos.ml_id, query, region)
+        assert "queued" in status_message(reply)
+        title = f"Similar to #{query}" + (" (box)" if region["type"] == "rectanglelabels" else "")
+        _, tasks = tab(ls, indexed.photos.project, title)
+        assert tasks[0] == names[f"{name}_copy.jpg"], (name, tasks)
+
+
+def test_context_free_predict_is_cheap_and_creates_nothing(indexed: Stack) -> None:
+    task = indexed.ls.request("GET", f"/api/tasks/{indexed.names['rocket.jpg']}").json()
+    response = requests.post(
+        f"{indexed.photos.url}/predict",
+        json={"tasks": [task], "project": f"{indexed.photos.project}.0", "params": {}},
+        timeout=10,
+    )
+    assert response.status_code == 200
+    assert response.json() == {"results": [[]]}
+
+
+def test_text_query_through_smart_textarea(indexed: Stack) -> None:
+    ls, clip = indexed.ls, indexed.clip
+    ids = task_ids_by_name(ls, clip.project)
+    prompt = "a police car at night"
+    region = {
+        "type": "textarea",
+        "from_name": "lookalike_text",
+        "to_name": "image",
+        "value": {"text": [prompt]},
+    }
+    reply = interactive(ls, clip.ml_id, ids["rocket.jpg"], region)
+    message = status_message(reply)
+    assert f"tab 'Text: {prompt}'" in message
+    assert "LOOKALIKE_SET_SAMPLING=false" in message  # priority off for this backend: tab only
+    _, tasks = tab(ls, clip.project, f"Text: {prompt}")
+    # The tab holds what the REST API finds for the same prompt, minus the open task.
+    expected = clip.similar(text=prompt, k=6).json()["results"]
+    scores = [r["score"] for r in expected]
+    assert scores == sorted(scores, reverse=True)
+    top = [r["task_id"] for r in expected if r["task_id"] != ids["rocket.jpg"]][:5]
+    assert sorted(tasks) == sorted(top)  # priority is off here, so the tab is in id order
+    assert ids["rocket.jpg"] not in tasks
+
+
+def test_exact_duplicate_scores_one_with_random_clip(indexed: Stack) -> None:
+    ids = task_ids_by_name(indexed.ls, indexed.clip.project)
+    results = indexed.clip.similar(task_id=ids["chelsea.jpg"], k=3).json()["results"]
+    assert results[0]["task_id"] == ids["chelsea_again.jpg"]
+    assert results[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert ids["chelsea.jpg"] not in [r["task_id"] for r in results]
+
+
+def test_rest_api_errors_are_json_4xx(indexed: Stack) -> None:
+    photos = indexed.photos
+    for body, fragment in [
+        ({}, "exactly one"),
+        ({"task_id": 1, "text": "x"}, "exactly one"),
+        ({"image": "%%%not base64"}, "base64"),
+        ({"task_id": indexed.names["rocket.jpg"], "k": 0}, "k must be"),
+        ({"text": "a cat"}, "image-only"),
+    ]:
+        response = photos.similar(**body)
+        assert 400 <= response.status_code < 500 or "image-only" in fragment, (body, response.text)
+        assert fragment in response.json()["error"], (body, response.json())
+    response = requests.post(
+        f"{photos.url}/api/projects/999/similar", json={"task_id": 1}, timeout=10
+    )
+    assert 400 <= response.status_code < 500 and "no index" in response.json()["error"]
+
+
+def test_rest_search_by_image_upload_and_queue(indexed: Stack) -> None:
+    import base64
+
+    photos, names = indexed.photos, indexed.names
+    body = base64.b64encode(jpeg_bytes(augmented(photo("rocket")))).decode()
+    response = photos.similar(image=body, k=2, queue=True)
+    assert response.status_code == 200, response.text
+    reply = response.json()
+    assert reply["results"][0]["task_id"] in {names["rocket.jpg"], names["rocket_copy.jpg"]}
+    assert reply["view_id"] and reply["tab"] == "Similar to uploaded image"
+    _, tasks = tab(indexed.ls, photos.project, "Similar to uploaded image")
+    assert tasks == [r["task_id"] for r in reply["results"]]
+
+
+def test_webhooks_index_new_tasks_and_forget_deleted(indexed: Stack) -> None:
+    ls, photos = indexed.ls, indexed.photos
+    before = photos.status()["indexed"]
+    # A new task imported after indexing arrives through the TASKS_CREATED webhook.
+    shutil.copy(indexed.image_dir / "immunohistochemistry.jpg", indexed.image_dir / "ihc_again.jpg")
+    import_urls(ls, photos.project, [f"{indexed.image_url}/ihc_again.jpg"])
+    wait_for(lambda: photos.status()["indexed"] == before + 1 or None, 60, "the new task")
+    new_id = task_ids_by_name(ls, photos.project)["ihc_again.jpg"]
+    hits = photos.similar(task_id=indexed.names["immunohistochemistry.jpg"], k=3).json()["results"]
+    assert hits[0]["task_id"] == new_id and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+
+    # Deleting it (TASKS_DELETED) removes it from results.
+    assert ls.request("DELETE", f"/api/tasks/{new_id}/").status_code == 204
+    wait_for(lambda: photos.status()["indexed"] == before or None, 60, "the deleted task to go")
+    hits = photos.similar(task_id=indexed.names["immunohistochemistry.jpg"], k=5).json()["results"]
+    assert new_id not in [h["task_id"] for h in hits]
+
+
+def test_resync_repairs_drift(indexed: Stack) -> None:
+    import redis as redis_lib
+
+    photos = indexed.photos
+    status = photos.status()
+    # Simulate a lost webhook: drop one task's vector behind the backend's back.
+    victim = indexed.names["camera.jpg"]
+    client = redis_lib.Redis.from_url(indexed.photos_redis_url)
+    assert client.hdel(f"lookalike:project:{photos.project}:vectors", str(victim)) == 1
+    assert photos.status()["indexed"] == status["indexed"] - 1
+    response = requests.post(f"{photos.url}/api/projects/{photos.project}/sync", timeout=10)
+    assert response.status_code == 202
+    wait_for(lambda: photos.status()["indexed"] == status["indexed"] or None, 60, "the resync")
+    hits = photos.similar(task_id=indexed.names["camera_copy.jpg"], k=1).json()["results"]
+    assert hits[0]["task_id"] == victim
+
+
+def test_rare_label_annotation_raises_priority_of_lookalikes(indexed: Stack) -> None:
+    ls, photos, names = indexed.ls, indexed.photos, indexed.names
+
+    def annotate(task: int, label: str) -> None:
+        result = [
+            {
+                "from_name": "label",
+                "to_name": "image",
+                "type": "rectanglelabels",
+                "original_width": 100,
+                "original_height": 100,
+                "value": {
+                    "x": 10,
+                    "y": 10,
+                    "width": 50,
+                    "height": 50,
+                    "rotation": 0,
+                    "rectanglelabels": [label],
+                },
+            }
+        ]
+        response = ls.request("POST", f"/api/tasks/{task}/annotations/", json={"result": result})
+        assert response.status_code == 201, response.text
+
+    for name in ["coffee.jpg", "astronaut.jpg", "camera.jpg"]:
+        annotate(names[name], "Car")
+    rocket_copy = names["rocket_copy.jpg"]
+    before = ls.request("GET", "/api/predictions/", params={"task": rocket_copy}).json()
+    before_scores = [p["score"] for p in before if p["model_version"] == "lookalike"]
+    annotate(names["rocket.jpg"], "Police car")
+    _, tasks = wait_for(
+        lambda: _tab_or_none(ls, photos.project, "Rare: Police car"), 60, "the rare-label tab"
+    )
+    assert tasks[0] == rocket_copy
+    assert names["rocket.jpg"] not in tasks
+    after = ls.request("GET", "/api/predictions/", params={"task": rocket_copy}).json()
+    [prediction] = [p for p in after if p["model_version"] == "lookalike"]
+    assert prediction["score"] < 0.5
+    assert not before_scores or prediction["score"] <= min(before_scores)
+    # Labeled tasks are excluded from every later search.
+    hits = photos.similar(task_id=rocket_copy, k=10).json()["results"]
+    assert names["rocket.jpg"] not in [h["task_id"] for h in hits]
+    assert next_task(ls, photos.project) not in {
+        names[n] for n in ["coffee.jpg", "astronaut.jpg", "camera.jpg", "rocket.jpg"]
+    }
+
+
+def _tab_or_none(ls: LabelStudioServer, project: int, title: str):
+    views = ls.request("GET", "/api/dm/views/", params={"project": project}).json()
+    if not any(v["data"].get("title") == title for v in views):
+        return None
+    return tab(ls, project, title)

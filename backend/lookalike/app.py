@@ -7,7 +7,6 @@ Label Studio waits 1 s for /health and /webhook and 3 s for /setup: those only t
 from __future__ import annotations
 
 import logging
-from functools import wraps
 from typing import Any
 
 import redis
@@ -30,7 +29,7 @@ log = logging.getLogger(__name__)
 STATUS_CONTROL = "lookalike_status"  # a TextArea in plugin_config.xml that shows our replies
 
 
-class ApiError(Exception):
+class ApiError(ValueError):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
@@ -50,33 +49,25 @@ def create_app(settings: Settings | None = None) -> Flask:
     queue = Queue(settings.queue_name, connection=redis_client)
     service = SimilarityService(settings, redis_client)
     app.extensions["lookalike"] = service
+    app.extensions["lookalike.queue"] = queue
+    app.config["LOOKALIKE_SETTINGS"] = settings
 
-    def api(view):
-        @wraps(view)
-        def wrapped(*args: Any, **kwargs: Any):
-            try:
-                return view(*args, **kwargs)
-            except ApiError as exc:
-                return jsonify(error=str(exc)), exc.status
-            except (QueryError, ImageLoadError, ValueError) as exc:
-                return jsonify(error=str(exc)), 400
-            except StoreError as exc:
-                return jsonify(error=str(exc)), 409
-            except (LabelStudioError, EmbedderError) as exc:
-                return jsonify(error=str(exc)), 502
-            except redis.RedisError as exc:
-                return jsonify(error=f"Redis unavailable: {exc}"), 503
+    from lookalike.web import blueprint as web_blueprint
 
-        return wrapped
+    app.register_blueprint(web_blueprint)
+
+    # Errors become JSON with a clear message and a 4xx/5xx status, on every route
+    # (blueprints included).
+    for error_types, status in _ERROR_STATUS:
+        for error_type in error_types:
+            app.register_error_handler(error_type, _json_error(status))
 
     # ------------------------------------------------------------ the ML-backend protocol
     @app.get("/health")
-    @app.get("/")
     def health():
         return jsonify(status="UP", model_class="Lookalike", version=__version__)
 
     @app.post("/setup")
-    @api
     def setup():
         body = _json_body()
         project = parse_project_id(body.get("project"))
@@ -91,7 +82,6 @@ def create_app(settings: Settings | None = None) -> Flask:
         return jsonify(versions=[settings.model_version])
 
     @app.post("/webhook")
-    @api
     def webhook():
         body = _json_body()
         action = body.get("action", "")
@@ -107,7 +97,6 @@ def create_app(settings: Settings | None = None) -> Flask:
         return jsonify(status="ok", action=action, enqueued=enqueued), 200
 
     @app.post("/predict")
-    @api
     def predict():
         body = _json_body()
         tasks = body.get("tasks") or []
@@ -131,14 +120,12 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     # ------------------------------------------------------------ REST API for scripts
     @app.get("/api/projects/<int:project>/index-status")
-    @api
     def index_status(project: int):
         status = ProjectState(redis_client, project).status()
         status["queued_jobs"] = queue.count
         return jsonify(status)
 
     @app.post("/api/projects/<int:project>/similar")
-    @api
     def similar(project: int):
         body = _json_body()
         query = SimilarQuery.from_json(body)
@@ -158,13 +145,11 @@ def create_app(settings: Settings | None = None) -> Flask:
         return jsonify(results=[{"task_id": h.id, "score": h.score} for h in hits], **extra)
 
     @app.post("/api/projects/<int:project>/sync")
-    @api
     def sync(project: int):
         job = queue.enqueue(jobs.sync_project, project, job_timeout=3600)
         return jsonify(job_id=job.id), 202
 
     @app.post("/api/projects/<int:project>/reindex")
-    @api
     def reindex(project: int):
         job = queue.enqueue(jobs.reindex_project, project, job_timeout=3600)
         service.indexes.forget(project)
@@ -179,6 +164,23 @@ def create_app(settings: Settings | None = None) -> Flask:
         return jsonify(error=f"{request.method} is not allowed on {request.path}"), 405
 
     return app
+
+
+_ERROR_STATUS: list[tuple[tuple[type[Exception], ...], int]] = [
+    ((QueryError, ImageLoadError, ValueError), 400),
+    ((StoreError,), 409),
+    ((LabelStudioError, EmbedderError), 502),
+    ((redis.RedisError,), 503),
+]
+
+
+def _json_error(default_status: int):
+    def handle(exc: Exception):
+        status = exc.status if isinstance(exc, ApiError) else default_status
+        message = str(exc) if not isinstance(exc, redis.RedisError) else f"Redis unavailable: {exc}"
+        return jsonify(error=message), status
+
+    return handle
 
 
 def _enqueue_for_webhook(

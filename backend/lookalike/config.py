@@ -34,7 +34,9 @@ class Settings:
     weights: str = field(default="", metadata={"env": "LOOKALIKE_WEIGHTS"})
     device: str = field(default="auto", metadata={"env": "LOOKALIKE_DEVICE"})
     batch_size: int = field(default=0, metadata={"env": "LOOKALIKE_BATCH_SIZE"})
-    max_image_pixels: int = field(default=89_478_485, metadata={"env": "LOOKALIKE_MAX_IMAGE_PIXELS"})
+    max_image_pixels: int = field(
+        default=89_478_485, metadata={"env": "LOOKALIKE_MAX_IMAGE_PIXELS"}
+    )
     max_download_bytes: int = field(
         default=50 * 1024 * 1024, metadata={"env": "LOOKALIKE_MAX_DOWNLOAD_BYTES"}
     )
@@ -43,6 +45,7 @@ class Settings:
     label_studio_url: str = field(
         default="http://localhost:8080", metadata={"env": "LABEL_STUDIO_URL"}
     )
+    label_studio_public_url: str = field(default="", metadata={"env": "LABEL_STUDIO_PUBLIC_URL"})
     label_studio_api_key: str = field(
         default="", repr=False, metadata={"env": "LABEL_STUDIO_API_KEY"}
     )
@@ -53,6 +56,7 @@ class Settings:
     set_sampling: bool = field(default=True, metadata={"env": "LOOKALIKE_SET_SAMPLING"})
     auto_prioritize: bool = field(default=True, metadata={"env": "LOOKALIKE_AUTO_PRIORITIZE"})
     auto_k: int = field(default=10, metadata={"env": "LOOKALIKE_AUTO_K"})
+    rare_share: float = field(default=0.2, metadata={"env": "LOOKALIKE_RARE_SHARE"})
     model_version: str = field(default="lookalike", metadata={"env": "LOOKALIKE_MODEL_VERSION"})
 
     @classmethod
@@ -78,6 +82,11 @@ class Settings:
             except (ValueError, ConfigError) as exc:
                 raise ConfigError(f"{name}={raw!r}: {exc}") from exc
         return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def public_label_studio_url(self) -> str:
+        """Label Studio as browsers reach it (may differ from the URL this service uses)."""
+        return (self.label_studio_public_url or self.label_studio_url).rstrip("/")
 
     @property
     def model_cache_dir(self) -> Path:

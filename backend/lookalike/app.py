@@ -10,8 +10,9 @@ import logging
 from typing import Any
 
 import redis
-from flask import Flask, jsonify, request
+from flask import Flask, Response, jsonify, request
 from label_studio_sdk.label_interface import LabelInterface
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from rq import Queue
 
 from lookalike import __version__, jobs
@@ -19,6 +20,7 @@ from lookalike.config import Settings
 from lookalike.embedding import EmbedderError
 from lookalike.images import ImageLoadError
 from lookalike.ls_client import LabelStudioError, parse_project_id
+from lookalike.observability import WebMetrics
 from lookalike.search import QueryError
 from lookalike.service import SimilarityService, SimilarQuery
 from lookalike.state import ProjectState
@@ -47,7 +49,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     redis_client = redis.Redis.from_url(settings.redis_url)
     queue = Queue(settings.queue_name, connection=redis_client)
-    service = SimilarityService(settings, redis_client)
+    metrics = WebMetrics(redis_client, settings.queue_name)
+    service = SimilarityService(settings, redis_client, metrics.query_embed_seconds.observe)
     app.extensions["lookalike"] = service
     app.extensions["lookalike.queue"] = queue
     app.config["LOOKALIKE_SETTINGS"] = settings
@@ -111,7 +114,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         task = tasks[0]
         query = _query_from_regions(int(task["id"]), regions)
         try:
-            _, outcome = service.find_and_queue(project, query, task=task)
+            with metrics.time_search("interactive"):
+                _, outcome = service.find_and_queue(project, query, task=task)
             message = outcome.message
         except (QueryError, ImageLoadError, StoreError, EmbedderError, LabelStudioError) as exc:
             message = f"Lookalike could not search: {exc}"
@@ -132,8 +136,12 @@ def create_app(settings: Settings | None = None) -> Flask:
         k = body.get("k", settings.similar_k)
         if not isinstance(k, int) or not 1 <= k <= 1000:
             raise ApiError("k must be an integer from 1 to 1000")
-        if body.get("queue"):
-            hits, outcome = service.find_and_queue(project, query, k)
+        with metrics.time_search("api"):
+            if body.get("queue"):
+                hits, outcome = service.find_and_queue(project, query, k)
+            else:
+                hits, outcome = service.find(project, query, k), None
+        if outcome is not None:
             extra = {
                 "view_id": outcome.view_id,
                 "tab": outcome.title,
@@ -141,8 +149,12 @@ def create_app(settings: Settings | None = None) -> Flask:
                 "priority": outcome.priority,
             }
         else:
-            hits, extra = service.find(project, query, k), {}
+            extra = {}
         return jsonify(results=[{"task_id": h.id, "score": h.score} for h in hits], **extra)
+
+    @app.get("/metrics")
+    def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
 
     @app.post("/api/projects/<int:project>/sync")
     def sync(project: int):

@@ -43,7 +43,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from gunicorn.app.base import BaseApplication
 
     from lookalike.app import create_app
+    from lookalike.observability import gunicorn_logconfig, setup_logging
 
+    setup_logging(settings)
     app = create_app(settings)
 
     class _Server(BaseApplication):
@@ -55,6 +57,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             self.cfg.set("threads", args.threads)
             self.cfg.set("timeout", 120)
             self.cfg.set("accesslog", "-")
+            self.cfg.set("logconfig_dict", gunicorn_logconfig(settings))
 
         def load(self):
             return app
@@ -68,12 +71,15 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from rq import Queue, SimpleWorker
 
     from lookalike import jobs
+    from lookalike.observability import setup_logging
 
+    setup_logging(settings)
     connection = redis.Redis.from_url(settings.redis_url)
     queue = Queue(settings.queue_name, connection=connection)
     jobs.embedder()  # load the model up front: fail fast with a clear message if it cannot
     # SimpleWorker runs jobs in this process, so the model is loaded once, not per job.
     worker = SimpleWorker([queue], connection=connection)
+    # RQ adds its own plain-text handler only when no handler is in effect; ours is on the root.
     worker.work(burst=args.burst, with_scheduler=True, logging_level="INFO")
     return 0
 
@@ -100,7 +106,12 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     statuses = [ProjectState(connection, p).status() for p in known_projects(connection)]
     queued = Queue(settings.queue_name, connection=connection).count
     if args.json:
-        print(json.dumps({"queued_jobs": queued, "projects": statuses}, indent=2))
+        running = running_jobs(Queue(settings.queue_name, connection=connection))
+        print(
+            json.dumps(
+                {"queued_jobs": queued, "running_jobs": running, "projects": statuses}, indent=2
+            )
+        )
         return 0
     if not statuses:
         print("no projects yet: connect Lookalike to a Label Studio project")
@@ -114,5 +125,22 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         )
         for f in s["failures"][:10]:
             print(f"    task {f['task_id']}: {f['reason']}", file=sys.stdout)
-    print(f"{queued} job(s) queued")
+    running = running_jobs(Queue(settings.queue_name, connection=connection))
+    for job in running:
+        print(f"running: {job['description']} {job['progress']}")
+    print(f"{queued} job(s) queued, {len(running)} running")
     return 0
+
+
+def running_jobs(queue) -> list[dict]:
+    """The jobs workers are on now, with the progress they report in `job.meta`."""
+    from rq.job import Job
+    from rq.registry import StartedJobRegistry
+
+    registry = StartedJobRegistry(queue=queue)
+    jobs = Job.fetch_many(registry.get_job_ids(), connection=queue.connection)
+    return [
+        {"id": job.id, "description": job.description, "progress": dict(job.meta)}
+        for job in jobs
+        if job is not None
+    ]

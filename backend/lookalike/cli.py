@@ -263,6 +263,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lookalike: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # Backend commands talk to Redis and Label Studio: unreachable services are user errors.
+        import redis
+
+        from lookalike.ls_client import LabelStudioError
+
+        if isinstance(exc, redis.RedisError):
+            url = Settings.from_env().redis_url
+            print(f"lookalike: error: cannot reach Redis at {url} (REDIS_URL): {exc}",
+                  file=sys.stderr)
+            return 2
+        if isinstance(exc, LabelStudioError):
+            print(f"lookalike: error: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

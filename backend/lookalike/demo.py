@@ -8,6 +8,7 @@ indexing and prints where to click. Ctrl-C stops everything it started.
 from __future__ import annotations
 
 import secrets
+import shutil
 import signal
 import sys
 import time
@@ -93,16 +94,19 @@ def run_demo(settings: Settings, root: Path, ls_port: int, backend_port: int) ->
     with ExitStack() as stack:
         # Ctrl-C and SIGTERM both unwind the stack, which stops every process we started.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        # Started in the background by a script, SIGINT may arrive ignored: make Ctrl-C work.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         print("starting Redis ...", flush=True)
         redis_url = stack.enter_context(redis_server(root / "redis"))
         print("starting Label Studio (30-60 s the first time) ...", flush=True)
+        # A fresh Label Studio each run: its token is only set when its database is created.
+        shutil.rmtree(root / "label-studio", ignore_errors=True)
         ls = stack.enter_context(
             label_studio_server(
                 root / "label-studio",
                 port=ls_port,
                 username=username,
                 password=password,
-                fresh=True,
             )
         )
         env = {

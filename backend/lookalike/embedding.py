@@ -11,9 +11,10 @@ A model is named by one spec string, `family:name[/pretrained]`:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -21,6 +22,8 @@ from typing import Protocol
 import numpy as np
 import torch
 from PIL import Image
+
+from lookalike.images import to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +98,30 @@ def _normalise(features: torch.Tensor) -> np.ndarray:
     return features.cpu().numpy().astype(np.float32, copy=False)
 
 
-def _weights_help(spec: ModelSpec, cause: BaseException) -> str:
+@contextlib.contextmanager
+def _seeded(enabled: bool) -> Iterator[None]:
+    """Seed torch's CPU RNG for a random-weights model, restoring the caller's RNG state after."""
+    if not enabled:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        yield
+
+
+def _brief(cause: BaseException, limit: int = 300) -> str:
+    """One line from a library's error: state-dict mismatches list every key, over many lines."""
+    text = " ".join(str(cause).split())
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def _weights_help(spec: ModelSpec, cause: BaseException, weights: str = "") -> str:
+    cause = _brief(cause)
+    if weights:  # the user pointed at a file and it did not fit: hub advice would mislead
+        return (
+            f"LOOKALIKE_WEIGHTS={weights} could not be loaded into {spec}: {cause}. "
+            f"Check that the file holds weights for this model (LOOKALIKE_MODEL)."
+        )
     return (
         f"could not load weights for {spec}: {cause}. Either allow this machine to download "
         f"them once (they are cached under LOOKALIKE_DATA_DIR/models), or download the weights "
@@ -112,7 +138,7 @@ class _TorchEmbedder:
     device: str
     supports_text: bool = False
 
-    def __init__(self, model: torch.nn.Module, preprocess, device: str, batch_size: int) -> None:  # noqa: ANN001
+    def __init__(self, model: torch.nn.Module, preprocess, device: str, batch_size: int) -> None:
         self.model = model.to(device).eval()
         self.preprocess = preprocess
         self.device = device
@@ -125,7 +151,8 @@ class _TorchEmbedder:
         out = np.empty((len(images), self.dim), dtype=np.float32)
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
-            batch = torch.stack([self.preprocess(img) for img in chunk]).to(self.device)
+            # to_rgb: timm's transforms keep the input's mode, and an L image has 1 channel.
+            batch = torch.stack([self.preprocess(to_rgb(img)) for img in chunk]).to(self.device)
             with torch.inference_mode():
                 out[start : start + len(chunk)] = _normalise(self._image_features(batch))
         return out
@@ -140,12 +167,13 @@ class _TorchEmbedder:
 class OpenClipEmbedder(_TorchEmbedder):
     supports_text = True
 
-    def __init__(self, spec: ModelSpec, weights: str, cache_dir: Path, device: str, batch_size: int):
+    def __init__(
+        self, spec: ModelSpec, weights: str, cache_dir: Path, device: str, batch_size: int
+    ) -> None:
         import open_clip
 
         pretrained: str | None
         if spec.is_random:
-            torch.manual_seed(RANDOM_SEED)
             pretrained = None
         elif weights:
             if not Path(weights).is_file():
@@ -162,15 +190,18 @@ class OpenClipEmbedder(_TorchEmbedder):
                     f"ask for random weights explicitly with open_clip:{spec.name}/random"
                 )
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                spec.name, pretrained=pretrained, cache_dir=str(cache_dir), device="cpu"
-            )
+            with _seeded(spec.is_random):
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    spec.name, pretrained=pretrained, cache_dir=str(cache_dir), device="cpu"
+                )
         except RuntimeError as exc:
             if "Unknown model" in str(exc) or "Model config" in str(exc):
-                raise EmbedderError(f"open_clip has no model {spec.name!r}: {exc}") from exc
-            raise WeightsUnavailableError(_weights_help(spec, exc)) from exc
+                raise EmbedderError(
+                    f"open_clip has no model {spec.name!r}: {_brief(exc, 120)}"
+                ) from exc
+            raise WeightsUnavailableError(_weights_help(spec, exc, weights)) from exc
         except Exception as exc:  # hub/network/file errors come in many types
-            raise WeightsUnavailableError(_weights_help(spec, exc)) from exc
+            raise WeightsUnavailableError(_weights_help(spec, exc, weights)) from exc
         super().__init__(model, preprocess, device, batch_size)
         self.spec = str(spec)
         self.tokenizer = open_clip.get_tokenizer(spec.name)
@@ -196,14 +227,15 @@ class OpenClipEmbedder(_TorchEmbedder):
 
 
 class TimmEmbedder(_TorchEmbedder):
-    def __init__(self, spec: ModelSpec, weights: str, cache_dir: Path, device: str, batch_size: int):
+    def __init__(
+        self, spec: ModelSpec, weights: str, cache_dir: Path, device: str, batch_size: int
+    ) -> None:
         import timm
         from timm.data import create_transform, resolve_data_config
 
         name = spec.name + (f".{spec.pretrained}" if spec.pretrained and not spec.is_random else "")
         kwargs: dict = {"num_classes": 0}
         if spec.is_random:
-            torch.manual_seed(RANDOM_SEED)
             kwargs["pretrained"] = False
         elif weights:
             if not Path(weights).is_file():
@@ -214,13 +246,14 @@ class TimmEmbedder(_TorchEmbedder):
         else:
             kwargs.update(pretrained=True, cache_dir=str(cache_dir))
         try:
-            model = timm.create_model(name, **kwargs)
+            with _seeded(spec.is_random):
+                model = timm.create_model(name, **kwargs)
         except RuntimeError as exc:
             if "Unknown model" in str(exc):
-                raise EmbedderError(f"timm has no model {name!r}: {exc}") from exc
-            raise WeightsUnavailableError(_weights_help(spec, exc)) from exc
+                raise EmbedderError(f"timm has no model {name!r}: {_brief(exc, 120)}") from exc
+            raise WeightsUnavailableError(_weights_help(spec, exc, weights)) from exc
         except Exception as exc:
-            raise WeightsUnavailableError(_weights_help(spec, exc)) from exc
+            raise WeightsUnavailableError(_weights_help(spec, exc, weights)) from exc
         config = resolve_data_config({}, model=model)
         super().__init__(model, create_transform(**config), device, batch_size)
         self.spec = str(spec)
@@ -254,7 +287,7 @@ def load_embedder(
     return embedder
 
 
-def embedder_from_settings(settings) -> Embedder:  # noqa: ANN001 - Settings, avoids a cycle
+def embedder_from_settings(settings) -> Embedder:
     return load_embedder(
         settings.model,
         weights=settings.weights,

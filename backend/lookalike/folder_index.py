@@ -15,7 +15,13 @@ from pathlib import Path
 from PIL import Image
 
 from lookalike.embedding import Embedder
-from lookalike.images import IMAGE_SUFFIXES, ImageLimits, ImageLoadError, load_image
+from lookalike.images import (
+    DEFAULT_LIMITS,
+    IMAGE_SUFFIXES,
+    ImageLimits,
+    ImageLoadError,
+    load_image,
+)
 from lookalike.store import Collection
 
 SAVE_EVERY = 2048  # vectors between checkpoints, so an interrupted run keeps its progress
@@ -55,25 +61,33 @@ def index_folder(
     collection: Collection,
     embedder: Embedder,
     paths: Iterable[Path | str],
-    limits: ImageLimits = ImageLimits(),
+    limits: ImageLimits = DEFAULT_LIMITS,
     progress: Callable[[int], None] | None = None,
     on_total: Callable[[int], None] | None = None,
     prune: bool = True,
 ) -> FolderIndexReport:
     """Embed new or changed image files under `paths` into `collection` and save it."""
+    paths = list(paths)  # walked once for files and again for the prune roots
     report = FolderIndexReport()
-    by_path = {payload["path"]: (item_id, payload) for item_id, payload in collection.payloads.items()}
-    next_id = max(collection.payloads, default=-1) + 1
+    by_path = {
+        payload["path"]: (item_id, payload)
+        for item_id, payload in collection.payloads.items()
+        if isinstance(payload, dict) and "path" in payload
+    }
+    # New ids go above every id in use, including any vector stored without a payload.
+    next_id = max(int(collection.ids().max(initial=-1)), max(collection.payloads, default=-1)) + 1
     todo: list[tuple[int, Path, dict]] = []
     seen: set[str] = set()
     for path in iter_image_files(paths):
+        if str(path) in seen:  # reached twice, e.g. `index photos photos/2024`
+            continue
+        seen.add(str(path))
         report.scanned += 1
         try:
             fingerprint = _fingerprint(path)
         except OSError as exc:
             report.failed.append((str(path), f"unreadable: {exc}"))
             continue
-        seen.add(fingerprint["path"])
         known = by_path.get(fingerprint["path"])
         if known and known[1] == fingerprint and known[0] in collection:
             report.unchanged += 1

@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import io
 import os
+import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+import urllib3
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 # Never let Pillow quietly decode half an image: a truncated file is an error here.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Pillow warns before it errors on bombs; `decode_image` applies its own pixel limit instead.
+# (A module-level filter, because `warnings.catch_warnings()` is not thread-safe and images are
+# decoded from several threads at once.)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -43,7 +50,7 @@ class ImageLimits:
     download_timeout: float = 20.0
 
     @classmethod
-    def from_settings(cls, settings) -> ImageLimits:  # noqa: ANN001 - avoids an import cycle
+    def from_settings(cls, settings) -> ImageLimits:
         return cls(
             max_pixels=settings.max_image_pixels,
             max_download_bytes=settings.max_download_bytes,
@@ -55,14 +62,48 @@ def is_url(source: object) -> bool:
     return isinstance(source, str) and source.lower().startswith(("http://", "https://"))
 
 
+DEFAULT_LIMITS = ImageLimits()
+
+
+def _body_chunks(response: requests.Response, size: int = 64 * 1024) -> Iterator[bytes]:
+    """The (decoded) body in chunks, each returned as soon as the socket has data.
+
+    `iter_content` blocks until a whole chunk has arrived, so a server dripping bytes could
+    hold a download far past its deadline; urllib3's `read1` returns after one socket read.
+    """
+    read1 = getattr(response.raw, "read1", None)
+    if read1 is None:  # not a urllib3 2.x response (e.g. a test double)
+        yield from response.iter_content(chunk_size=size)
+        return
+    while chunk := read1(size, decode_content=True):
+        yield chunk
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    """Whether a download failed by being slow, however the libraries wrap it."""
+    # Not urllib3's TimeoutError base: its NewConnectionError ("connection refused") is one.
+    slow = requests.Timeout | urllib3.exceptions.ReadTimeoutError | TimeoutError
+    if isinstance(exc, slow):
+        return True
+    # requests reports a read timeout in the body as ConnectionError(ReadTimeoutError(...)).
+    return any(isinstance(arg, slow) for arg in exc.args)
+
+
 def fetch_url(
     url: str,
-    limits: ImageLimits = ImageLimits(),
+    limits: ImageLimits = DEFAULT_LIMITS,
     headers: dict[str, str] | None = None,
     session: requests.Session | None = None,
 ) -> bytes:
-    """Download `url`, refusing bodies larger than the limit and slow servers."""
+    """Download `url`, refusing bodies larger than the limit and slow servers.
+
+    `limits.download_timeout` bounds both each socket wait and the whole download.
+    """
     getter = session or requests
+    deadline = time.monotonic() + limits.download_timeout
+    too_slow = ImageLoadError(
+        "timeout", f"GET {url} took longer than {limits.download_timeout:g}s"
+    )
     try:
         with getter.get(url, stream=True, timeout=limits.download_timeout, headers=headers) as r:
             if r.status_code >= 400:
@@ -76,7 +117,7 @@ def fetch_url(
                 )
             chunks: list[bytes] = []
             size = 0
-            for chunk in r.iter_content(chunk_size=64 * 1024):
+            for chunk in _body_chunks(r):
                 size += len(chunk)
                 if size > limits.max_download_bytes:
                     raise ImageLoadError(
@@ -84,16 +125,18 @@ def fetch_url(
                         f"{url} exceeds the {limits.max_download_bytes}-byte download limit",
                     )
                 chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    raise too_slow
             return b"".join(chunks)
-    except requests.Timeout as exc:
-        raise ImageLoadError(
-            "timeout", f"GET {url} took longer than {limits.download_timeout:g}s"
-        ) from exc
-    except requests.RequestException as exc:
+    except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
+        if _is_timeout(exc):
+            raise too_slow from exc
         raise ImageLoadError("download_failed", f"GET {url} failed: {exc}") from exc
 
 
-def read_source(source: bytes | str | os.PathLike[str], limits: ImageLimits = ImageLimits()) -> bytes:
+def read_source(
+    source: bytes | str | os.PathLike[str], limits: ImageLimits = DEFAULT_LIMITS
+) -> bytes:
     """The raw bytes of an image source: bytes as they are, a URL downloaded, a path read."""
     if isinstance(source, bytes | bytearray | memoryview):
         return bytes(source)
@@ -104,7 +147,8 @@ def read_source(source: bytes | str | os.PathLike[str], limits: ImageLimits = Im
         size = path.stat().st_size
         if size > limits.max_download_bytes:
             raise ImageLoadError(
-                "too_large", f"{path} is {size} bytes, over the {limits.max_download_bytes}-byte limit"
+                "too_large",
+                f"{path} is {size} bytes, over the {limits.max_download_bytes}-byte limit",
             )
         return path.read_bytes()
     except FileNotFoundError as exc:
@@ -117,7 +161,7 @@ def read_source(source: bytes | str | os.PathLike[str], limits: ImageLimits = Im
 
 def decode_image(
     data: bytes,
-    limits: ImageLimits = ImageLimits(),
+    limits: ImageLimits = DEFAULT_LIMITS,
     draft_size: int | None = None,
     name: str = "image",
 ) -> Image.Image:
@@ -128,11 +172,12 @@ def decode_image(
     """
     if not data:
         raise ImageLoadError("empty", f"{name} is empty (0 bytes)")
+    if limits.max_pixels > (Image.MAX_IMAGE_PIXELS or limits.max_pixels):
+        # Pillow refuses anything over twice its own limit inside `open`, before our check;
+        # raise it (never lower it: it is process-wide) so a larger configured limit works.
+        Image.MAX_IMAGE_PIXELS = limits.max_pixels
     try:
-        with warnings.catch_warnings():
-            # Pillow warns before it errors on bombs; we want the error, at our own threshold.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data))
         width, height = image.size
         if width * height > limits.max_pixels:
             raise ImageLoadError(
@@ -152,8 +197,12 @@ def decode_image(
         raise
     except UnidentifiedImageError as exc:
         raise ImageLoadError("not_an_image", f"{name} is not an image Pillow can read") from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageLoadError("too_many_pixels", f"{name}: {exc}") from exc
+    except Image.DecompressionBombError as exc:  # Pillow's own check, inside Image.open
+        raise ImageLoadError(
+            "too_many_pixels",
+            f"{name} is over the {limits.max_pixels}-pixel limit "
+            f"(LOOKALIKE_MAX_IMAGE_PIXELS): {exc}",
+        ) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # Pillow reports truncated or corrupt data as OSError/SyntaxError from load().
         raise ImageLoadError("corrupt", f"{name} is corrupt or truncated: {exc}") from exc
@@ -189,7 +238,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def load_image(
     source: bytes | str | os.PathLike[str],
-    limits: ImageLimits = ImageLimits(),
+    limits: ImageLimits = DEFAULT_LIMITS,
     draft_size: int | None = None,
 ) -> Image.Image:
     """Load bytes, a path or an http(s) URL as an RGB image (see `decode_image`)."""

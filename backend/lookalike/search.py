@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lookalike.embedding import Embedder
-from lookalike.images import Box, ImageLimits, crop, load_image
+from lookalike.images import DEFAULT_LIMITS, Box, ImageLimits, crop, load_image
 from lookalike.store import Collection, Hit
 
 ImageSource = bytes | str | os.PathLike[str]
@@ -45,7 +45,7 @@ class Searcher:
         self,
         collection: Collection,
         embedder: Embedder | Callable[[], Embedder],
-        limits: ImageLimits = ImageLimits(),
+        limits: ImageLimits = DEFAULT_LIMITS,
     ) -> None:
         self.collection = collection
         self._embedder = embedder
@@ -83,7 +83,8 @@ class Searcher:
         return normalise(self.collection.get_many(list(ids)).mean(axis=0))
 
     # ------------------------------------------------------------ searches
-    def by_vector(self, vector: np.ndarray, options: SearchOptions = SearchOptions()) -> list[Hit]:
+    def by_vector(self, vector: np.ndarray, options: SearchOptions | None = None) -> list[Hit]:
+        options = options or SearchOptions()
         vector = normalise(vector)
         if vector.shape[0] != self.collection.dim:
             raise QueryError(
@@ -94,22 +95,23 @@ class Searcher:
     def by_image(
         self,
         source: ImageSource,
-        options: SearchOptions = SearchOptions(),
+        options: SearchOptions | None = None,
         box: Box | None = None,
         box_unit: str = "px",
     ) -> list[Hit]:
         return self.by_vector(self.image_vector(source, box, box_unit), options)
 
-    def by_text(self, text: str, options: SearchOptions = SearchOptions()) -> list[Hit]:
+    def by_text(self, text: str, options: SearchOptions | None = None) -> list[Hit]:
         return self.by_vector(self.text_vector(text), options)
 
-    def by_ids(self, ids: Sequence[int], options: SearchOptions = SearchOptions()) -> list[Hit]:
+    def by_ids(self, ids: Sequence[int], options: SearchOptions | None = None) -> list[Hit]:
         """More like these (their mean); the query ids themselves are excluded."""
+        options = options or SearchOptions()
         ids = [int(i) for i in ids]
         exclude = set(options.exclude) | set(ids)
         return self.by_vector(
             self.ids_vector(ids), SearchOptions(options.k, exclude, options.min_score)
         )
 
-    def by_id(self, item_id: int, options: SearchOptions = SearchOptions()) -> list[Hit]:
+    def by_id(self, item_id: int, options: SearchOptions | None = None) -> list[Hit]:
         return self.by_ids([item_id], options)

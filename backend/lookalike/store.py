@@ -43,6 +43,16 @@ class Hit:
     score: float
 
 
+# What identifies one saved version of a collection file. `save` replaces the file with a new
+# one, so the inode changes on every save even where mtime is coarse (1 s on some filesystems,
+# a clock tick on older kernels) and two saves land in the same tick.
+_Signature = tuple[int, int, int, int]
+
+
+def _signature(stat: os.stat_result) -> _Signature:
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
 def _as_ids(ids: Iterable[int]) -> np.ndarray:
     return np.ascontiguousarray(np.fromiter((int(i) for i in ids), dtype=np.int64))
 
@@ -73,29 +83,40 @@ class Collection:
         self._id_set: set[int] = set()  # mirrors the index's ids, for O(1) membership
         self.payloads: dict[int, Any] = {}
         self.meta: dict[str, Any] = {}
-        self._mtime_ns: int | None = None
+        self._signature: _Signature | None = None  # of the file last loaded or saved
         self._lock = threading.RLock()
 
     # ----------------------------------------------------------------- persistence
     @classmethod
     def load(cls, path: Path) -> Collection:
         try:
-            with np.load(path, allow_pickle=False) as archive:
-                header = json.loads(bytes(archive["header"]).decode("utf-8"))
-                index_bytes = archive["index"]
-                mtime_ns = os.stat(path).st_mtime_ns
+            # Stat the open file, not the path: a save landing between reading and stat-ing
+            # would otherwise pair the old content with the new file's signature, and this
+            # copy would never be seen as stale.
+            with open(path, "rb") as handle:
+                signature = _signature(os.fstat(handle.fileno()))
+                with np.load(handle, allow_pickle=False) as archive:
+                    header = json.loads(bytes(archive["header"]).decode("utf-8"))
+                    index_bytes = archive["index"]
         except FileNotFoundError:
             raise
         except Exception as exc:
             raise StoreError(f"{path} is not a readable Lookalike collection: {exc}") from exc
-        if header.get("format") != FORMAT_VERSION:
-            raise StoreError(f"{path} has format {header.get('format')}, expected {FORMAT_VERSION}")
-        collection = cls(path, header["model"], header["dim"])
-        collection._index = faiss.deserialize_index(index_bytes)
-        collection._id_set = set(collection.ids().tolist())
-        collection.payloads = {int(k): v for k, v in header.get("payloads", {}).items()}
+        if not isinstance(header, dict) or header.get("format") != FORMAT_VERSION:
+            found = header.get("format") if isinstance(header, dict) else None
+            raise StoreError(f"{path} has format {found}, expected {FORMAT_VERSION}")
+        try:
+            collection = cls(path, header["model"], header["dim"])
+            index = faiss.deserialize_index(index_bytes)
+            if index.d != collection.dim:
+                raise ValueError(f"index holds {index.d}-d vectors, header says {collection.dim}")
+            collection._index = index
+            collection._id_set = set(collection.ids().tolist())
+            collection.payloads = {int(k): v for k, v in header.get("payloads", {}).items()}
+        except Exception as exc:
+            raise StoreError(f"{path} is not a readable Lookalike collection: {exc}") from exc
         collection.meta = header.get("meta", {})
-        collection._mtime_ns = mtime_ns
+        collection._signature = signature
         return collection
 
     def save(self) -> None:
@@ -111,7 +132,9 @@ class Collection:
             header_bytes = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
             index_bytes = faiss.serialize_index(self._index)
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(prefix=self.path.name, suffix=".tmp", dir=self.path.parent)
+            fd, tmp_name = tempfile.mkstemp(
+                prefix=self.path.name, suffix=".tmp", dir=self.path.parent
+            )
             try:
                 with os.fdopen(fd, "wb") as handle:
                     np.savez(handle, header=header_bytes, index=index_bytes)
@@ -122,14 +145,14 @@ class Collection:
                 Path(tmp_name).unlink(missing_ok=True)
                 raise
             _fsync_dir(self.path.parent)
-            self._mtime_ns = os.stat(self.path).st_mtime_ns
+            self._signature = _signature(os.stat(self.path))
 
     def is_stale(self) -> bool:
-        """True when the file on disk is newer than what this object loaded or saved."""
+        """True when the file on disk is not the one this object last loaded or saved."""
         try:
-            return os.stat(self.path).st_mtime_ns != self._mtime_ns
+            return _signature(os.stat(self.path)) != self._signature
         except FileNotFoundError:
-            return self._mtime_ns is not None
+            return self._signature is not None
 
     # ----------------------------------------------------------------- reads and writes
     def check_model(self, model: str, dim: int | None = None) -> None:
@@ -189,7 +212,7 @@ class Collection:
             return self._index.reconstruct(int(item_id))
 
     def get_many(self, ids: Sequence[int]) -> np.ndarray:
-        if not ids:
+        if len(ids) == 0:
             return np.empty((0, self.dim), np.float32)
         return np.stack([self.get(i) for i in ids])
 

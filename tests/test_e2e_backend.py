@@ -100,6 +100,7 @@ class Stack:
     image_url: str
     image_dir: Path
     photos_redis_url: str
+    root: Path  # logs: photos-serve.log, photos-worker-1.log, ...
 
 
 def create_project(ls: LabelStudioServer, title: str) -> int:
@@ -265,6 +266,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 image_url=image_url,
                 image_dir=image_dir,
                 photos_redis_url=photos_env["REDIS_URL"],
+                root=root,
             )
 
 
@@ -538,3 +540,88 @@ def _tab_or_none(ls: LabelStudioServer, project: int, title: str):
     if not any(v["data"].get("title") == title for v in views):
         return None
     return tab(ls, project, title)
+
+
+def test_other_backends_predictions_are_never_hidden(indexed: Stack) -> None:
+    """A project showing another model's predictions keeps them: tab only, sampling untouched."""
+    ls = indexed.ls
+    project = create_project(ls, "has other predictions")
+    upload(
+        ls,
+        project,
+        {f"{n}.jpg": jpeg_bytes(photo(n)) for n in PHOTOS[:3]}
+        | {"coffee_copy.jpg": jpeg_bytes(augmented(photo("coffee")))},
+    )
+    ids = task_ids_by_name(ls, project)
+    for task_id in ids.values():
+        response = ls.request(
+            "POST",
+            "/api/predictions/",
+            json={
+                "task": task_id,
+                "model_version": "yolo-v8",
+                "score": 0.5,
+                "result": [],
+            },
+        )
+        assert response.status_code == 201, response.text
+    ml_id = connect(ls, project, indexed.photos.url, "lookalike-photos-2")
+    # The project shows the other model's predictions (connecting may have switched it to us).
+    response = ls.request("PATCH", f"/api/projects/{project}", json={"model_version": "yolo-v8"})
+    assert response.status_code == 200, response.text
+    backend = Backend(indexed.photos.url, ml_id, project)
+    wait_for(lambda: backend.status()["indexed"] == len(ids) or None, 120, "indexing")
+    region = {
+        "type": "keypointlabels",
+        "from_name": "lookalike_image",
+        "to_name": "image",
+        "value": {"x": 50, "y": 50, "keypointlabels": ["Find similar: whole image"]},
+    }
+    message = status_message(interactive(ls, ml_id, ids["coffee.jpg"], region))
+    assert "tab only" in message and "yolo-v8" in message, message
+    _, tasks = tab(ls, project, f"Similar to #{ids['coffee.jpg']}")
+    assert tasks and ids["coffee_copy.jpg"] in tasks
+    info = ls.request("GET", f"/api/projects/{project}").json()
+    assert info["model_version"] == "yolo-v8" and info["sampling"] != "Uncertainty sampling"
+    predictions = ls.request("GET", "/api/predictions/", params={"project": project}).json()
+    assert {p["model_version"] for p in predictions} == {"yolo-v8"}
+
+
+def test_metrics_logs_and_status(indexed: Stack) -> None:
+    import json
+    import subprocess
+    import sys
+
+    photos = indexed.photos
+    photos.similar(task_id=indexed.names["coffee.jpg"], k=3)
+    text = requests.get(f"{photos.url}/metrics", timeout=10).text
+    metrics = {
+        line.split(" ")[0]: float(line.split(" ")[-1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert metrics["lookalike_tasks_indexed_total"] >= 14
+    assert metrics["lookalike_task_failures_total"] >= 1  # the broken image
+    assert metrics['lookalike_search_seconds_count{source="api"}'] >= 1
+    assert metrics["lookalike_worker_embed_seconds_count"] >= 1
+    assert metrics[f'lookalike_project_tasks{{project="{photos.project}",state="indexed"}}'] >= 14
+    assert "lookalike_queue_depth" in metrics
+
+    # Structured logs: JSON lines, and the API key nowhere in them.
+    for name in ("photos-serve.log", "photos-worker-1.log", "photos-worker-2.log"):
+        log = (indexed.root / name).read_text()
+        assert indexed.ls.api_key not in log, name
+        entries = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+        assert entries and all({"time", "level", "logger", "message"} <= e.keys() for e in entries)
+
+    status = subprocess.run(
+        [sys.executable, "-m", "lookalike.cli", "status", "--json"],
+        env={"REDIS_URL": indexed.photos_redis_url, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    report = json.loads(status.stdout)
+    mine = [p for p in report["projects"] if p["project"] == photos.project]
+    assert mine and mine[0]["indexed"] == photos.status()["indexed"]

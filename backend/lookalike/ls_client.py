@@ -97,6 +97,10 @@ class LabelStudioClient:
             self._access = (access, float(expires) or time.time() + 240)
             return access
 
+    def secrets(self) -> list[str]:
+        """Every credential this client holds, for scrubbing messages shown to users."""
+        return [self.api_key] + ([self._access[0]] if self._access else [])
+
     def auth_headers(self) -> dict[str, str]:
         token = self.download_token()
         return {"Authorization": ("Bearer " if _is_jwt(token) else "Token ") + token}
@@ -104,6 +108,13 @@ class LabelStudioClient:
     # ----------------------------------------------------------------- projects & tasks
     def project(self, project_id: int) -> dict[str, Any]:
         return self._dump(self.sdk.projects.get(id=project_id))
+
+    def list_projects(self) -> Iterator[dict[str, Any]]:
+        pager = self.sdk.projects.list(
+            page_size=100, include="id,title,task_number,num_tasks_with_annotations"
+        )
+        for item in pager:
+            yield self._dump(item)
 
     def update_project(self, project_id: int, **fields: Any) -> None:
         # A raw PATCH: the SDK's typed update would send every optional field it models.

@@ -60,10 +60,7 @@ def _queue() -> Queue:
 
 def _scrub(text: str) -> str:
     """Remove Label Studio credentials from a message before it reaches the browser."""
-    secrets = {_settings().label_studio_api_key}
-    access = getattr(_service().ls, "_access", None)
-    if access:
-        secrets.add(access[0])
+    secrets = {_settings().label_studio_api_key, *_service().ls.secrets()}
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
@@ -92,11 +89,7 @@ class _ProjectListCache:
                 return self._value[1]
         projects = []
         try:
-            pager = service.ls.sdk.projects.list(
-                page_size=100, include="id,title,task_number,num_tasks_with_annotations"
-            )
-            for item in pager:
-                data = service.ls._dump(item)
+            for data in service.ls.list_projects():
                 projects.append(
                     {
                         "id": int(data["id"]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -393,3 +394,14 @@ def test_writer_does_not_see_itself_as_stale(store: VectorStore):
     collection.save()
     assert not collection.is_stale()
     assert store.open("self") is collection
+
+
+def test_saved_file_follows_the_umask_not_mkstemps_0600(filled):
+    collection, _, _ = filled
+    old = os.umask(0o022)
+    try:
+        collection.save()
+    finally:
+        os.umask(old)
+    # Readable by a web process or worker running as another user of the same group.
+    assert stat.S_IMODE(collection.path.stat().st_mode) == 0o644

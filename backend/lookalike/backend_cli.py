@@ -62,7 +62,6 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from lookalike.observability import gunicorn_logconfig, setup_logging
 
     setup_logging(settings)
-    app = create_app(settings)
 
     class _Server(BaseApplication):
         def load_config(self) -> None:
@@ -76,6 +75,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             self.cfg.set("logconfig_dict", gunicorn_logconfig(settings))
 
         def load(self):
+            # Built in the serving process (after gunicorn forks), where the model warms up.
+            app = create_app(settings)
+            app.extensions["lookalike"].warm_up()
             return app
 
     _Server().run()

@@ -288,6 +288,9 @@ def load_embedder(
 
 
 def embedder_from_settings(settings) -> Embedder:
+    if settings.torch_threads > 0:
+        # Several workers on one machine would each use every core: let the operator split them.
+        torch.set_num_threads(settings.torch_threads)
     return load_embedder(
         settings.model,
         weights=settings.weights,

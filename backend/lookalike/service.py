@@ -108,6 +108,18 @@ class SimilarityService:
             )
         return self._ls
 
+    def warm_up(self) -> None:
+        """Load the model in the background, so the first crop or text query is fast while
+        /health and /setup answer at once; a failure is logged and retried on first use."""
+
+        def load() -> None:
+            try:
+                self.embedder()
+            except Exception as exc:  # reported again, to the user, on the first query
+                log.error("could not load the model %s: %s", self.settings.model, exc)
+
+        threading.Thread(target=load, name="model-warm-up", daemon=True).start()
+
     def embedder(self) -> Embedder:
         with self._embedder_lock:
             if self._embedder is None:

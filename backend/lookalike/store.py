@@ -136,6 +136,10 @@ class Collection:
                 prefix=self.path.name, suffix=".tmp", dir=self.path.parent
             )
             try:
+                # mkstemp makes the file 0600; give it the usual umask-based mode instead.
+                umask = os.umask(0)
+                os.umask(umask)
+                os.fchmod(fd, 0o666 & ~umask)
                 with os.fdopen(fd, "wb") as handle:
                     np.savez(handle, header=header_bytes, index=index_bytes)
                     handle.flush()

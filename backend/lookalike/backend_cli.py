@@ -165,6 +165,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             f"project {s['project']:>5} [{bar}] {s['indexed']}/{s['total']} indexed, "
             f"{s['pending']} pending, {s['failed']} failed"
         )
+        if s.get("error"):
+            print(f"    error: {s['error']}")
         for f in s["failures"][:10]:
             print(f"    task {f['task_id']}: {f['reason']}", file=sys.stdout)
     running = running_jobs(Queue(settings.queue_name, connection=connection))

@@ -22,7 +22,7 @@ from lookalike.embedding import Embedder
 from lookalike.images import ImageLimits, ImageLoadError, decode_image
 from lookalike.ls_client import LabelStudioClient, image_field
 from lookalike.observability import record_indexing
-from lookalike.state import ProjectState
+from lookalike.state import ModelConflictError, ProjectState
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def sync_project(project: int) -> dict[str, int]:
             tasks[int(task["id"])] = {"id": task["id"], "data": task.get("data") or {}}
             if task.get("total_annotations") or task.get("is_labeled"):
                 labeled.append(int(task["id"]))
-            if len(tasks) % 5000 == 0:
+            if len(tasks) % 1000 == 0:
                 _progress(listed=len(tasks))
         state.set_tasks(tasks, labeled)
         indexed = state.indexed_ids()
@@ -123,7 +123,11 @@ def index_tasks(project: int, tasks: list[dict[str, Any]], attempt: int = 1) -> 
     s = settings()
     state = ProjectState(redis_client(), project)
     model = embedder()
-    state.claim_model(model.spec, model.dim)
+    try:
+        state.claim_model(model.spec, model.dim)
+    except ModelConflictError as exc:
+        state.set_meta(error=str(exc))  # shown by index-status, the search page and `status`
+        raise
     key = _image_key(state)
     limits = ImageLimits.from_settings(s)
     cache_dir = s.data_dir / "task-files" / str(project)
@@ -131,7 +135,9 @@ def index_tasks(project: int, tasks: list[dict[str, Any]], attempt: int = 1) -> 
     state.add_tasks(t["id"] for t in tasks)
     ids, images, retry = [], [], []
     failed = 0
-    for task in tasks:
+    for done, task in enumerate(tasks):
+        if done % 16 == 0:
+            _progress(fetched=done, batch=len(tasks), attempt=attempt)
         task_id = int(task["id"])
         try:
             raw = ls.task_image_bytes(task, key, limits, cache_dir)

@@ -66,6 +66,8 @@ class ProjectState:
         self.r.hsetnx(self.k_meta, "model", model)
         self.r.hsetnx(self.k_meta, "dim", str(dim))
         meta = self.meta()
+        if meta["model"] == model and int(meta["dim"]) == dim and "error" in meta:
+            self.r.hdel(self.k_meta, "error")
         if meta["model"] != model or int(meta["dim"]) != dim:
             raise ModelConflictError(
                 f"project {self.project} was indexed with {meta['model']} ({meta['dim']}-d), "
@@ -264,6 +266,7 @@ class ProjectState:
             "retrying": len(failures) - len(final),
             "labeled": int(labeled),
             "model": meta.get("model"),
+            "error": meta.get("error"),
             "last_sync": float(meta["last_sync"]) if "last_sync" in meta else None,
             "failures": [
                 {"task_id": f.task_id, "reason": f.reason, "attempts": f.attempts, "final": f.final}

@@ -117,6 +117,7 @@
            s.retrying ? el("span", { text: `retrying ${s.retrying}` }) : null,
            el("span", { class: "failed" + (s.failed ? " bad" : ""), text: `failed ${s.failed}` }),
            el("span", { text: `labeled ${s.labeled}` })),
+        s.error ? el("div", { class: "warning", text: s.error }) : null,
         failures);
     }));
   }

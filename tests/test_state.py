@@ -1,0 +1,120 @@
+"""Project state in a real Redis, and the web process's FAISS indexes that follow it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import redis
+from tests.services import redis_server
+
+from lookalike.project_index import ProjectIndexes
+from lookalike.state import ModelConflictError, ProjectState
+from lookalike.store import StoreError
+
+DIM = 8
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    connection = redis.Redis.from_url(redis_url)
+    connection.flushdb()
+    yield connection
+    connection.flushdb()
+
+
+def vectors(n: int, seed: int = 0) -> np.ndarray:
+    array = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    return array / np.linalg.norm(array, axis=1, keepdims=True)
+
+
+def test_put_vectors_is_idempotent_per_task_id(client: redis.Redis) -> None:
+    state = ProjectState(client, 7)
+    state.claim_model("m", DIM)
+    state.put_vectors([1, 2, 3], vectors(3))
+    state.put_vectors([2, 3], vectors(2, seed=1))  # a retried job, with new vectors
+    assert state.indexed_ids() == {1, 2, 3}
+    np.testing.assert_allclose(state.vectors([2])[2], vectors(2, seed=1)[0])
+
+
+def test_a_success_clears_the_tasks_failure(client: redis.Redis) -> None:
+    state = ProjectState(client, 7)
+    state.set_tasks([1, 2], labeled=[])
+    state.record_failure(1, "timeout: slow", attempts=1, final=False)
+    state.record_failure(2, "not_an_image: junk", attempts=1, final=True)
+    status = state.status()
+    assert (status["failed"], status["retrying"], status["pending"]) == (1, 1, 1)
+    state.claim_model("m", DIM)
+    state.put_vectors([1], vectors(1))
+    status = state.status()
+    assert (status["indexed"], status["failed"], status["pending"]) == (1, 1, 0)
+    assert [f["task_id"] for f in status["failures"]] == [2]
+
+
+def test_another_model_is_refused_with_a_way_out(client: redis.Redis) -> None:
+    state = ProjectState(client, 7)
+    state.claim_model("open_clip:ViT-B-32/x", DIM)
+    with pytest.raises(ModelConflictError, match="reindex"):
+        state.claim_model("timm:efficientnet_lite0", 1280)
+    state.reset()  # what /reindex does
+    state.claim_model("timm:efficientnet_lite0", 1280)
+
+
+def test_web_index_follows_upserts_and_removals(client: redis.Redis) -> None:
+    state = ProjectState(client, 3)
+    indexes = ProjectIndexes(client)
+    with pytest.raises(StoreError, match="no index yet"):
+        indexes.get(3)
+    state.claim_model("m", DIM)
+    data = vectors(10)
+    state.put_vectors(range(5), data[:5])
+    collection = indexes.get(3)
+    assert len(collection) == 5
+    state.put_vectors(range(5, 10), data[5:])
+    state.remove_tasks([0, 1])
+    collection = indexes.get(3)
+    assert set(collection.ids().tolist()) == set(range(2, 10))
+    hit = collection.search(data[7], k=1)[0]
+    assert hit.id == 7 and hit.score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_web_index_rebuilds_after_reset_and_after_a_trimmed_log(client: redis.Redis) -> None:
+    state = ProjectState(client, 4)
+    indexes = ProjectIndexes(client)
+    state.claim_model("m", DIM)
+    state.put_vectors([1, 2], vectors(2))
+    assert len(indexes.get(4)) == 2
+    state.reset()
+    state.claim_model("m2", DIM)
+    state.put_vectors([5], vectors(1, seed=3))
+    collection = indexes.get(4)
+    assert collection.model == "m2" and set(collection.ids().tolist()) == {5}
+    # A reader that fell behind a trimmed change log rebuilds from the hash.
+    state.put_vectors([6], vectors(1, seed=4))
+    client.xtrim(state.k_changes, maxlen=0)
+    state.put_vectors([7], vectors(1, seed=5))
+    assert set(indexes.get(4).ids().tolist()) == {5, 6, 7}
+
+
+def test_labeled_tasks_lose_their_priority(client: redis.Redis) -> None:
+    state = ProjectState(client, 5)
+    state.set_priorities({1: 0.1, 2: 0.2})
+    state.mark_labeled([1])
+    assert state.labeled_ids() == {1}
+    assert state.priorities([1, 2]) == {2: 0.2}
+
+
+def test_drop_forgets_the_project(client: redis.Redis) -> None:
+    state = ProjectState(client, 9)
+    state.set_tasks([1], labeled=[])
+    state.claim_model("m", DIM)
+    state.put_vectors([1], vectors(1))
+    state.drop()
+    assert client.keys("lookalike:project:9:*") == []

@@ -196,7 +196,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
     with (
         redis_server(root / "redis") as redis_url,
-        label_studio_server(root / "ls") as ls,
+        label_studio_server(root / "ls", document_root=root) as ls,
         local_http_server(image_dir) as image_url,
     ):
         common = {
@@ -625,3 +625,37 @@ def test_metrics_logs_and_status(indexed: Stack) -> None:
     report = json.loads(status.stdout)
     mine = [p for p in report["projects"] if p["project"] == photos.project]
     assert mine and mine[0]["indexed"] == photos.status()["indexed"]
+
+
+def test_local_storage_tasks_are_indexed_through_the_webhook(indexed: Stack) -> None:
+    """Tasks synced from a Local Storage arrive by webhook and are fetched from Label Studio."""
+    ls = indexed.ls
+    folder = indexed.root / "local-storage"
+    folder.mkdir()
+    for name in ("chelsea", "rocket", "coffee"):
+        (folder / f"{name}.jpg").write_bytes(jpeg_bytes(photo(name)))
+    (folder / "chelsea_copy.jpg").write_bytes(jpeg_bytes(augmented(photo("chelsea"))))
+    project = create_project(ls, "local storage")
+    ml_id = connect(ls, project, indexed.photos.url, "lookalike-local")
+    backend = Backend(indexed.photos.url, ml_id, project)
+    response = ls.request(
+        "POST",
+        "/api/storages/localfiles/",
+        json={
+            "project": project,
+            "title": "photos",
+            "path": str(folder),
+            "regex_filter": r".*\.jpg",
+            "use_blob_urls": True,
+        },
+    )
+    assert response.status_code == 201, response.text
+    storage = response.json()["id"]
+    response = ls.request("POST", f"/api/storages/localfiles/{storage}/sync")
+    assert response.status_code == 200, response.text
+    wait_for(lambda: backend.status()["indexed"] == 4 or None, 120, "local-storage tasks")
+    tasks = ls.request("GET", "/api/tasks/", params={"project": project}).json()["tasks"]
+    by_name = {t["data"]["image"].rsplit("/", 1)[-1]: t["id"] for t in tasks}
+    assert all("/data/local-files/" in t["data"]["image"] for t in tasks)
+    hits = backend.similar(task_id=by_name["chelsea_copy.jpg"], k=1).json()["results"]
+    assert hits[0]["task_id"] == by_name["chelsea.jpg"]

@@ -117,13 +117,13 @@ class ProjectState:
             self.k_vectors, mapping={str(i): v.tobytes() for i, v in zip(ids, vectors, strict=True)}
         )
         pipe.hdel(self.k_failures, *ids)
-        pipe.xadd(
-            self.k_changes,
-            {"op": "upsert", "ids": ",".join(map(str, ids))},
-            maxlen=CHANGES_MAXLEN,
-            approximate=True,
-        )
+        self._log_change(pipe, "upsert", ids)
         pipe.execute()
+
+    def _log_change(self, pipe: redis.client.Pipeline, op: str, ids: list[int]) -> None:
+        """Append to the change stream, inside the caller's transaction."""
+        fields = {"op": op, "ids": ",".join(map(str, ids))}
+        pipe.xadd(self.k_changes, fields, maxlen=CHANGES_MAXLEN, approximate=True)
 
     def remove_tasks(self, ids: Iterable[int]) -> None:
         ids = [int(i) for i in ids]
@@ -134,12 +134,7 @@ class ProjectState:
             pipe.hdel(key, *ids)
         pipe.srem(self.k_tasks, *ids)
         pipe.srem(self.k_labeled, *ids)
-        pipe.xadd(
-            self.k_changes,
-            {"op": "remove", "ids": ",".join(map(str, ids))},
-            maxlen=CHANGES_MAXLEN,
-            approximate=True,
-        )
+        self._log_change(pipe, "remove", ids)
         pipe.execute()
 
     def reset(self) -> None:
@@ -147,7 +142,7 @@ class ProjectState:
         pipe = self.r.pipeline(transaction=True)
         pipe.delete(self.k_vectors, self.k_failures)
         pipe.hdel(self.k_meta, "model", "dim")
-        pipe.xadd(self.k_changes, {"op": "reset", "ids": ""}, maxlen=CHANGES_MAXLEN)
+        self._log_change(pipe, "reset", [])
         pipe.execute()
 
     def indexed_ids(self) -> set[int]:

@@ -23,6 +23,7 @@ from lookalike.images import (
     decode_image,
     fetch_url,
     load_image,
+    read_source,
     to_rgb,
 )
 
@@ -428,3 +429,10 @@ def test_empty_box_raises(box, unit):
 def test_crop_unknown_unit():
     with pytest.raises(ValueError, match="unit"):
         crop(noise(10, 10), (0, 0, 5, 5), unit="cm")
+
+
+def test_a_device_that_reports_zero_bytes_is_still_bounded():
+    # /dev/zero stats as 0 bytes and never ends: the read must stop at the limit.
+    with pytest.raises(ImageLoadError) as info:
+        read_source("/dev/zero", ImageLimits(max_download_bytes=1024))
+    assert info.value.reason == "too_large"

@@ -118,3 +118,12 @@ def test_drop_forgets_the_project(client: redis.Redis) -> None:
     state.put_vectors([1], vectors(1))
     state.drop()
     assert client.keys("lookalike:project:9:*") == []
+
+
+def test_vectors_of_tasks_deleted_meanwhile_are_not_written(client: redis.Redis) -> None:
+    state = ProjectState(client, 8)
+    state.claim_model("m", DIM)
+    state.add_tasks([1, 2, 3])
+    state.remove_tasks([2])  # TASKS_DELETED arrived while the batch was being embedded
+    state.put_vectors([1, 2, 3], vectors(3), only_known=True)
+    assert state.indexed_ids() == {1, 3}

@@ -13,11 +13,11 @@ import redis
 from flask import Flask, Response, jsonify, request
 from label_studio_sdk.label_interface import LabelInterface
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from rq import Queue
+from rq import Queue, Retry
 
 from lookalike import __version__, jobs
 from lookalike.config import Settings
-from lookalike.embedding import EmbedderError
+from lookalike.embedding import EmbedderError, TextNotSupportedError
 from lookalike.images import ImageLoadError
 from lookalike.ls_client import LabelStudioError, parse_project_id
 from lookalike.observability import WebMetrics
@@ -76,7 +76,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         project = parse_project_id(body.get("project"))
         # First contact with a project starts indexing it; later /setup calls (LS sends one
         # before every predict batch) must not pile up syncs.
-        if redis_client.set(f"lookalike:project:{project}:first-sync", "1", nx=True):
+        # The flag expires, so a first sync that failed (LS down, no <Image> yet) is retried.
+        if redis_client.set(f"lookalike:project:{project}:first-sync", "1", nx=True, ex=600):
             queue.enqueue(jobs.sync_project, project, job_timeout=3600)
         return jsonify(model_version=settings.model_version)
 
@@ -111,6 +112,8 @@ def create_app(settings: Settings | None = None) -> Flask:
             # empty list per task), so annotators' queues are never disturbed by these calls.
             return jsonify(results=[[] for _ in tasks])
         project = parse_project_id(body.get("project"))
+        if not tasks:
+            raise ApiError("an interactive /predict needs the task it was made on")
         task = tasks[0]
         query = _query_from_regions(int(task["id"]), regions)
         try:
@@ -158,13 +161,12 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.post("/api/projects/<int:project>/sync")
     def sync(project: int):
-        job = queue.enqueue(jobs.sync_project, project, job_timeout=3600)
+        job = queue.enqueue(jobs.sync_project, project, True, job_timeout=3600)
         return jsonify(job_id=job.id), 202
 
     @app.post("/api/projects/<int:project>/reindex")
     def reindex(project: int):
         job = queue.enqueue(jobs.reindex_project, project, job_timeout=3600)
-        service.indexes.forget(project)
         return jsonify(job_id=job.id), 202
 
     @app.errorhandler(404)
@@ -179,7 +181,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
 
 _ERROR_STATUS: list[tuple[tuple[type[Exception], ...], int]] = [
-    ((QueryError, ImageLoadError, ValueError), 400),
+    ((QueryError, ImageLoadError, ValueError, TextNotSupportedError), 400),
     ((StoreError,), 409),
     ((LabelStudioError, EmbedderError), 502),
     ((redis.RedisError,), 503),
@@ -198,12 +200,30 @@ def _json_error(default_status: int):
 def _enqueue_for_webhook(
     settings: Settings, queue: Queue, project: int, action: str, body: dict[str, Any]
 ) -> int:
+    """Turn one Label Studio event into jobs. Only cheap Redis writes here: LS waits 1 s."""
+    state = ProjectState(queue.connection, project)
     if action == "TASKS_CREATED":
-        tasks = [{"id": t["id"], "data": t.get("data") or {}} for t in body.get("tasks") or []]
+        raw = body.get("tasks") or []
+        tasks = [{"id": t["id"], "data": t.get("data") or {}} for t in raw]
+        state.add_tasks(t["id"] for t in tasks)  # known at once: counted, and deletable
+        state.mark_labeled(t["id"] for t in raw if t.get("total_annotations"))
         size = settings.index_batch_size
-        for start in range(0, len(tasks), size):
-            queue.enqueue(jobs.index_tasks, project, tasks[start : start + size], job_timeout=1800)
-        return (len(tasks) + size - 1) // size
+        batches = [tasks[start : start + size] for start in range(0, len(tasks), size)]
+        with queue.connection.pipeline() as pipe:  # one round trip for a large import
+            queue.enqueue_many(
+                [
+                    Queue.prepare_data(
+                        jobs.index_tasks,
+                        (project, batch),
+                        timeout=1800,
+                        retry=Retry(max=3, interval=[10, 60, 300]),
+                    )
+                    for batch in batches
+                ],
+                pipeline=pipe,
+            )
+            pipe.execute()
+        return len(batches)
     if action == "TASKS_DELETED":
         ids = [int(t["id"]) for t in body.get("tasks") or []]
         if ids:
@@ -215,12 +235,18 @@ def _enqueue_for_webhook(
         task_id = task.get("id") or annotation.get("task")
         if task_id is None:
             return 0
+        # Excluded from searches right away, not when the job gets its turn in the queue.
+        state.mark_labeled([int(task_id)])
         minimal = {"id": annotation.get("id"), "result": annotation.get("result") or []}
         queue.enqueue(jobs.auto_prioritize, project, int(task_id), minimal)
         return 1
-    if action in {"ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED", "START_TRAINING"}:
+    if action in {"ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED"}:
         # Bulk changes: a resync relists which tasks are labeled (and repairs any drift).
         queue.enqueue(jobs.sync_project, project, job_timeout=3600)
+        return 1
+    if action == "START_TRAINING":
+        # "Start Training" in Label Studio: a full resync that also retries failed tasks.
+        queue.enqueue(jobs.sync_project, project, True, job_timeout=3600)
         return 1
     if action == "PROJECT_DELETED":
         queue.enqueue(jobs.drop_project, project)

@@ -18,7 +18,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--host", default="0.0.0.0", help="address to bind (default: 0.0.0.0)")
     serve.add_argument("--port", type=int, default=9090, help="port (default: 9090)")
-    serve.add_argument("--threads", type=int, default=8, help="request threads (default: 8)")
+    # A browser opens up to 6 connections for thumbnails; the rest stay free for Label Studio's
+    # /health and /setup, which it gives 1 s and 3 s.
+    serve.add_argument("--threads", type=int, default=16, help="request threads (default: 16)")
     serve.set_defaults(handler=cmd_serve)
 
     worker = commands.add_parser(
@@ -133,7 +135,7 @@ def cmd_sync(args: argparse.Namespace, settings: Settings) -> int:
     from lookalike import jobs
 
     queue = Queue(settings.queue_name, connection=redis.Redis.from_url(settings.redis_url))
-    job = queue.enqueue(jobs.sync_project, args.project, job_timeout=3600)
+    job = queue.enqueue(jobs.sync_project, args.project, True, job_timeout=3600)
     print(f"resync of project {args.project} enqueued (job {job.id})")
     return 0
 

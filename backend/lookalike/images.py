@@ -150,7 +150,14 @@ def read_source(
                 "too_large",
                 f"{path} is {size} bytes, over the {limits.max_download_bytes}-byte limit",
             )
-        return path.read_bytes()
+        # Bounded even when stat() lies (devices and pipes report 0 bytes).
+        with path.open("rb") as handle:
+            data = handle.read(limits.max_download_bytes + 1)
+        if len(data) > limits.max_download_bytes:
+            raise ImageLoadError(
+                "too_large", f"{path} is over the {limits.max_download_bytes}-byte limit"
+            )
+        return data
     except FileNotFoundError as exc:
         raise ImageLoadError("not_found", f"{path} does not exist") from exc
     except IsADirectoryError as exc:

@@ -15,12 +15,12 @@ from functools import cache
 from typing import Any
 
 import redis
-from rq import Queue, get_current_job
+from rq import Queue, Retry, get_current_job
 
 from lookalike.config import Settings
 from lookalike.embedding import Embedder
 from lookalike.images import ImageLimits, ImageLoadError, decode_image
-from lookalike.ls_client import LabelStudioClient, image_field
+from lookalike.ls_client import LabelStudioClient, LabelStudioError, image_field
 from lookalike.observability import record_indexing
 from lookalike.state import ModelConflictError, ProjectState
 
@@ -73,49 +73,91 @@ def _image_key(state: ProjectState) -> str:
 
 
 # ---------------------------------------------------------------------------- jobs
-def sync_project(project: int) -> dict[str, int]:
-    """List every task of the project, index what is missing, drop what is gone."""
-    s = settings()
+def sync_project(project: int, retry_failed: bool = False) -> dict[str, int]:
+    """List every task of the project, index what is missing, drop what is gone.
+
+    `retry_failed` (a sync asked for by a person) also retries tasks that failed for good.
+    """
     state = ProjectState(redis_client(), project)
-    lock = redis_client().lock(state.k_sync_lock, timeout=3600, blocking_timeout=0)
+    lock = redis_client().lock(state.k_sync_lock, timeout=3600)
     if not lock.acquire(blocking=False):
         log.info("project %s: a sync is already running", project)
         return {"skipped": 1}
     try:
-        ls = label_studio()
-        project_info = ls.project(project)
-        _, key = image_field(project_info["label_config"])
-        config_hash = hashlib.sha256(project_info["label_config"].encode()).hexdigest()[:16]
-        state.set_meta(image_key=key, label_config_hash=config_hash)
-        tasks: dict[int, dict[str, Any]] = {}
-        labeled: list[int] = []
-        for task in ls.iter_tasks(project):
-            tasks[int(task["id"])] = {"id": task["id"], "data": task.get("data") or {}}
-            if task.get("total_annotations") or task.get("is_labeled"):
-                labeled.append(int(task["id"]))
-            if len(tasks) % 1000 == 0:
-                _progress(listed=len(tasks))
-        state.set_tasks(tasks, labeled)
-        indexed = state.indexed_ids()
-        final_failures = {f.task_id for f in state.failures() if f.final}
-        gone = sorted(indexed - set(tasks))
-        state.remove_tasks(gone)
-        missing = [t for i, t in tasks.items() if i not in indexed and i not in final_failures]
-        q = queue()
-        for start in range(0, len(missing), s.index_batch_size):
-            q.enqueue(
-                index_tasks,
-                project,
-                missing[start : start + s.index_batch_size],
-                job_timeout=1800,
-                description=f"index project {project}",
-            )
-        state.set_meta(last_sync=time.time())
-        summary = {"tasks": len(tasks), "enqueued": len(missing), "removed": len(gone)}
-        log.info("project %s synced: %s", project, summary)
-        return summary
+        return _sync_locked(state, retry_failed)
     finally:
         lock.release()
+
+
+def reindex_project(project: int) -> dict[str, int]:
+    """Forget every vector and index again; waits for a running sync instead of racing it."""
+    state = ProjectState(redis_client(), project)
+    lock = redis_client().lock(state.k_sync_lock, timeout=3600)
+    if not lock.acquire(blocking=True, blocking_timeout=3600):
+        raise RuntimeError(f"project {project}: a sync held the lock for an hour; try again")
+    try:
+        state.reset()
+        return _sync_locked(state, retry_failed=True)
+    finally:
+        lock.release()
+
+
+def _sync_locked(state: ProjectState, retry_failed: bool) -> dict[str, int]:
+    s = settings()
+    project = state.project
+    ls = label_studio()
+    project_info = ls.project(project)
+    _, key = image_field(project_info["label_config"])
+    config_hash = hashlib.sha256(project_info["label_config"].encode()).hexdigest()[:16]
+    if state.meta().get("label_config_hash") != config_hash:
+        retry_failed = True  # e.g. the image field changed: earlier failures may now succeed
+    state.set_meta(image_key=key, label_config_hash=config_hash)
+    # Snapshots before listing: a task created, indexed or labeled through a webhook while we
+    # list is then neither dropped as "gone" nor un-marked.
+    indexed_before = state.indexed_ids()
+    labeled_before = state.labeled_ids()
+    known_before = indexed_before | state.task_ids() | {f.task_id for f in state.failures()}
+    tasks: dict[int, dict[str, Any]] = {}
+    labeled: set[int] = set()
+    for task in ls.iter_tasks(project):
+        tasks[int(task["id"])] = {"id": task["id"], "data": task.get("data") or {}}
+        if task.get("total_annotations") or task.get("is_labeled"):
+            labeled.add(int(task["id"]))
+        if len(tasks) % 1000 == 0:
+            _progress(listed=len(tasks))
+    indexed = state.indexed_ids()
+    state.set_tasks(
+        set(tasks) | (indexed - indexed_before), labeled | (state.labeled_ids() - labeled_before)
+    )
+    gone = sorted(known_before - set(tasks))  # vectors, failures and priorities go too
+    state.remove_tasks(gone)
+    failures = state.failures()
+    if retry_failed:
+        state.clear_failures([f.task_id for f in failures])
+        skip = set()
+    else:
+        skip = {f.task_id for f in failures if f.final}
+    missing = [t for i, t in tasks.items() if i not in indexed and i not in skip]
+    q = queue()
+    for start in range(0, len(missing), s.index_batch_size):
+        enqueue_index(q, project, missing[start : start + s.index_batch_size])
+    state.set_meta(last_sync=time.time())
+    summary = {"tasks": len(tasks), "enqueued": len(missing), "removed": len(gone)}
+    log.info("project %s synced: %s", project, summary)
+    return summary
+
+
+def enqueue_index(q: Queue, project: int, tasks: list[dict[str, Any]], attempt: int = 1) -> None:
+    """Queue one indexing batch; RQ retries a batch that fails as a whole (Redis, the model)."""
+    q.enqueue(
+        index_tasks,
+        project,
+        tasks,
+        attempt,
+        job_timeout=1800,
+        retry=Retry(max=3, interval=[10, 60, 300]),
+        description=f"index {len(tasks)} tasks of project {project}",
+    )
 
 
 def index_tasks(project: int, tasks: list[dict[str, Any]], attempt: int = 1) -> dict[str, int]:
@@ -132,7 +174,8 @@ def index_tasks(project: int, tasks: list[dict[str, Any]], attempt: int = 1) -> 
     limits = ImageLimits.from_settings(s)
     cache_dir = s.data_dir / "task-files" / str(project)
     ls = label_studio()
-    state.add_tasks(t["id"] for t in tasks)
+    # Tasks deleted since this job was queued (TASKS_DELETED, a resync) must not come back.
+    tasks = [t for t in tasks if state.is_task(int(t["id"]))]
     ids, images, retry = [], [], []
     failed = 0
     for done, task in enumerate(tasks):
@@ -145,8 +188,9 @@ def index_tasks(project: int, tasks: list[dict[str, Any]], attempt: int = 1) -> 
                 decode_image(raw, limits, draft_size=model.input_size, name=f"task {task_id} image")
             )
             ids.append(task_id)
-        except ImageLoadError as exc:
-            final = exc.reason not in TRANSIENT_REASONS or attempt >= s.max_attempts
+        except (ImageLoadError, LabelStudioError) as exc:
+            reason = exc.reason if isinstance(exc, ImageLoadError) else "download_failed"
+            final = reason not in TRANSIENT_REASONS or attempt >= s.max_attempts
             state.record_failure(task_id, str(exc), attempt, final)
             failed += 1
             if not final:
@@ -159,7 +203,7 @@ def index_tasks(project: int, tasks: list[dict[str, Any]], attempt: int = 1) -> 
         start = time.perf_counter()
         vectors = model.embed_images(images)
         embed_seconds = time.perf_counter() - start
-        state.put_vectors(ids, vectors)
+        state.put_vectors(ids, vectors, only_known=True)
     record_indexing(redis_client(), len(ids), failed, embed_seconds)
     if retry:
         delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS)) - 1]
@@ -179,11 +223,6 @@ def remove_tasks(project: int, task_ids: Iterable[int]) -> int:
 def drop_project(project: int) -> None:
     ProjectState(redis_client(), project).drop()
     redis_client().delete(f"lookalike:project:{int(project)}:first-sync")
-
-
-def reindex_project(project: int) -> dict[str, int]:
-    ProjectState(redis_client(), project).reset()
-    return sync_project(project)
 
 
 def _timedelta(seconds: float):
@@ -222,7 +261,7 @@ def auto_prioritize(project: int, task_id: int, annotation: dict[str, Any]) -> d
     hit_labels = sorted(set(labels) & rare_labels(counts, s.rare_share))
     if not hit_labels:
         return {"queued": 0, "reason": "no rare label", "counts": counts}
-    if task_id not in state.indexed_ids():
+    if not state.vectors([task_id]):
         return {"queued": 0, "reason": f"task {task_id} is not indexed yet"}
     hits = service().find(project, SimilarQuery(task_id=task_id), k=s.auto_k)
     result = queue_matches(s, state, label_studio(), hits, f"Rare: {', '.join(hit_labels)}")

@@ -11,13 +11,16 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jwt
 import requests
 from label_studio_sdk import LabelStudio
+from label_studio_sdk.core.api_error import ApiError
 from label_studio_sdk.label_interface import LabelInterface
 
 from lookalike.images import ImageLimits, ImageLoadError, fetch_url, read_source
@@ -106,27 +109,46 @@ class LabelStudioClient:
         return {"Authorization": ("Bearer " if _is_jwt(token) else "Token ") + token}
 
     # ----------------------------------------------------------------- projects & tasks
+    @contextmanager
+    def _sdk(self, what: str) -> Iterator[None]:
+        """SDK and HTTP errors become one LabelStudioError, with credentials scrubbed."""
+        try:
+            yield
+        except LabelStudioError:
+            raise
+        except (ApiError, httpx.HTTPError, requests.RequestException) as exc:
+            status = getattr(exc, "status_code", None)
+            message = str(getattr(exc, "body", None) or exc)
+            for secret in self.secrets():
+                message = message.replace(secret, "***")
+            prefix = f"{what}: HTTP {status}" if status else what
+            raise LabelStudioError(f"{prefix}: {message[:300]}") from exc
+
     def project(self, project_id: int) -> dict[str, Any]:
-        return self._dump(self.sdk.projects.get(id=project_id))
+        with self._sdk(f"reading project {project_id}"):
+            return self._dump(self.sdk.projects.get(id=project_id))
 
     def list_projects(self) -> Iterator[dict[str, Any]]:
-        pager = self.sdk.projects.list(
-            page_size=100, include="id,title,task_number,num_tasks_with_annotations"
-        )
-        for item in pager:
-            yield self._dump(item)
+        with self._sdk("listing projects"):
+            pager = self.sdk.projects.list(
+                page_size=100, include="id,title,task_number,num_tasks_with_annotations"
+            )
+            for item in pager:
+                yield self._dump(item)
 
     def update_project(self, project_id: int, **fields: Any) -> None:
         # A raw PATCH: the SDK's typed update would send every optional field it models.
         self._request("PATCH", f"/api/projects/{project_id}", json=fields)
 
     def iter_tasks(self, project_id: int, page_size: int = 500) -> Iterator[dict[str, Any]]:
-        pager = self.sdk.tasks.list(project=project_id, page_size=page_size, fields="all")
-        for task in pager:
-            yield self._dump(task)
+        with self._sdk(f"listing tasks of project {project_id}"):
+            pager = self.sdk.tasks.list(project=project_id, page_size=page_size, fields="all")
+            for task in pager:
+                yield self._dump(task)
 
     def task(self, task_id: int) -> dict[str, Any]:
-        return self._dump(self.sdk.tasks.get(id=str(task_id)))
+        with self._sdk(f"reading task {task_id}"):
+            return self._dump(self.sdk.tasks.get(id=str(task_id)))
 
     # ----------------------------------------------------------------- files
     def task_image_bytes(

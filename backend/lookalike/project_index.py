@@ -31,14 +31,18 @@ class ProjectIndexes:
     def __init__(self, redis_client: redis.Redis) -> None:
         self.redis = redis_client
         self._entries: dict[int, _Entry] = {}
-        self._lock = threading.Lock()
+        self._locks: dict[int, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
 
     def state(self, project: int) -> ProjectState:
         return ProjectState(self.redis, project)
 
     def get(self, project: int) -> Collection:
         """The project's current index; raises StoreError if nothing is indexed yet."""
-        with self._lock:
+        # One lock per project: building a large project's index never blocks the others.
+        with self._locks_guard:
+            lock = self._locks.setdefault(project, threading.Lock())
+        with lock:
             entry = self._entries.get(project)
             state = self.state(project)
             if entry is not None:
@@ -91,7 +95,3 @@ class ProjectIndexes:
                     if found:
                         entry.collection.upsert(list(found), np.stack(list(found.values())))
                 entry.last_change = change_id
-
-    def forget(self, project: int) -> None:
-        with self._lock:
-            self._entries.pop(project, None)

@@ -116,6 +116,14 @@ def _write_priorities(
     settings: Settings, state: ProjectState, ls: LabelStudioClient, hits: list[Hit]
 ) -> None:
     """One Lookalike prediction per task, score = 1 - similarity; a task keeps its best score."""
+    # Two queries matching the same task at once must not both create its prediction.
+    with state.r.lock(state.k_priority_lock, timeout=120, blocking_timeout=60):
+        _write_priorities_locked(settings, state, ls, hits)
+
+
+def _write_priorities_locked(
+    settings: Settings, state: ProjectState, ls: LabelStudioClient, hits: list[Hit]
+) -> None:
     task_ids = [h.id for h in hits]
     current = state.priorities(task_ids)
     prediction_ids = state.prediction_ids(task_ids)

@@ -21,7 +21,7 @@ import redis
 from lookalike.config import Settings
 from lookalike.embedding import Embedder, embedder_from_settings
 from lookalike.images import ImageLimits, crop, decode_image, load_image
-from lookalike.ls_client import LabelStudioClient, image_field
+from lookalike.ls_client import LabelStudioClient, LabelStudioError, image_field
 from lookalike.project_index import ProjectIndexes
 from lookalike.queueing import QueueResult, queue_matches
 from lookalike.search import QueryError, Searcher, SearchOptions
@@ -63,6 +63,13 @@ class SimilarQuery:
                 box = ()
             if len(box) != 4:
                 raise QueryError("box is {x, y, width, height} in percent of the image")
+        for name in ("text", "url"):
+            if body.get(name) is not None and not isinstance(body[name], str):
+                raise QueryError(f"{name} must be a string")
+        url = body.get("url")
+        if url and not str(url).lower().startswith(("http://", "https://")):
+            # Never a path: this API must not read the server's own files.
+            raise QueryError("url must be an http(s) URL")
         task_id = body.get("task_id")
         if task_id is not None and not str(task_id).isdigit():
             raise QueryError("task_id must be an integer")
@@ -154,14 +161,25 @@ class SimilarityService:
             return self._embed_one(image)
         assert query.task_id is not None
         if query.box and not _covers_whole_image(query.box):
-            task = task or self.ls.task(query.task_id)
+            task = task or self._task(project, query.task_id)
             image = crop(self.task_image(project, task), query.box, "%")
             return self._embed_one(image)
         if query.task_id in collection:
             return collection.get(query.task_id)
         # Not indexed yet (just imported): embed it now rather than fail the annotator.
-        task = task or self.ls.task(query.task_id)
+        task = task or self._task(project, query.task_id)
         return self._embed_one(self.task_image(project, task))
+
+    def _task(self, project: int, task_id: int) -> dict[str, Any]:
+        try:
+            task = self.ls.task(task_id)
+        except LabelStudioError as exc:
+            if "HTTP 404" in str(exc):
+                raise QueryError(f"task {task_id} does not exist") from exc
+            raise
+        if int(task.get("project") or project) != project:
+            raise QueryError(f"task {task_id} is not in project {project}")
+        return task
 
     def _embed_one(self, image) -> np.ndarray:
         return self._timed(lambda: self.embedder().embed_images([image])[0])

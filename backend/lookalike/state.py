@@ -53,6 +53,7 @@ class ProjectState:
         self.k_labels = _key(project, "annotation_labels")  # hash: annotation id -> json labels
         self.k_views = _key(project, "views")  # hash: tab title -> view id
         self.k_sync_lock = _key(project, "sync-lock")
+        self.k_priority_lock = _key(project, "priority-lock")
 
     # ------------------------------------------------------------------ meta
     def meta(self) -> dict[str, str]:
@@ -107,8 +108,20 @@ class ProjectState:
         return {int(i) for i in self.r.smembers(self.k_labeled)}
 
     # ------------------------------------------------------------------ vectors
-    def put_vectors(self, ids: Iterable[int], vectors: np.ndarray) -> None:
+    def is_task(self, task_id: int) -> bool:
+        return bool(self.r.sismember(self.k_tasks, int(task_id)))
+
+    def put_vectors(
+        self, ids: Iterable[int], vectors: np.ndarray, only_known: bool = False
+    ) -> None:
+        """Store vectors by task id (overwriting), in one transaction with a change entry.
+
+        `only_known` drops ids no longer in the task set (deleted while being embedded)."""
         ids = [int(i) for i in ids]
+        if only_known and ids:
+            known = self.r.smismember(self.k_tasks, ids)
+            keep = [n for n, present in enumerate(known) if present]
+            ids, vectors = [ids[n] for n in keep], np.asarray(vectors)[keep]
         if not ids:
             return
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -181,6 +194,11 @@ class ProjectState:
     def record_failure(self, task_id: int, reason: str, attempts: int, final: bool) -> None:
         failure = {"reason": reason, "attempts": attempts, "final": final, "at": time.time()}
         self.r.hset(self.k_failures, str(int(task_id)), json.dumps(failure))
+
+    def clear_failures(self, task_ids: Iterable[int]) -> None:
+        ids = [int(i) for i in task_ids]
+        if ids:
+            self.r.hdel(self.k_failures, *ids)
 
     def failures(self) -> list[Failure]:
         out = []

@@ -87,21 +87,15 @@ class _ProjectListCache:
         with self._lock:
             if self._value and time.monotonic() - self._value[0] < PROJECTS_TTL:
                 return self._value[1]
-        projects = []
-        try:
-            for data in service.ls.list_projects():
-                projects.append(
-                    {
-                        "id": int(data["id"]),
-                        "title": data.get("title") or f"Project {data['id']}",
-                        "task_count": data.get("task_number"),
-                        "labeled_count": data.get("num_tasks_with_annotations"),
-                    }
-                )
-        except LabelStudioError:
-            raise
-        except Exception as exc:  # the SDK raises its own ApiError, httpx errors, ...
-            raise LabelStudioError(f"listing projects failed: {_scrub(str(exc))[:300]}") from exc
+        projects = [
+            {
+                "id": int(data["id"]),
+                "title": data.get("title") or f"Project {data['id']}",
+                "task_count": data.get("task_number"),
+                "labeled_count": data.get("num_tasks_with_annotations"),
+            }
+            for data in service.ls.list_projects()  # LabelStudioError, scrubbed, on failure
+        ]
         with self._lock:
             self._value = (time.monotonic(), projects)
         return projects

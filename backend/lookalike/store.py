@@ -236,9 +236,13 @@ class Collection:
             total = len(self)
             if total == 0 or k <= 0:
                 return []
-            # Ask for enough extra results to survive the exclusions.
-            fetch = min(total, k + len(excluded))
-            scores, labels = self._index.search(vector, fetch)
+            params = None
+            if excluded:
+                # Filtered inside FAISS: no over-fetching however many tasks are excluded
+                # (every labeled task is, and that can be most of a project).
+                batch = faiss.IDSelectorBatch(np.fromiter(excluded, dtype=np.int64))
+                params = faiss.SearchParameters(sel=faiss.IDSelectorNot(batch))
+            scores, labels = self._index.search(vector, min(total, k), params=params)
         hits: list[Hit] = []
         for score, label in zip(scores[0].tolist(), labels[0].tolist(), strict=True):
             if label < 0 or label in excluded:

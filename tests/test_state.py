@@ -111,13 +111,18 @@ def test_labeled_tasks_lose_their_priority(client: redis.Redis) -> None:
     assert state.priorities([1, 2]) == {2: 0.2}
 
 
-def test_drop_forgets_the_project(client: redis.Redis) -> None:
+def test_drop_forgets_the_project_and_web_indexes_follow(client: redis.Redis) -> None:
     state = ProjectState(client, 9)
+    indexes = ProjectIndexes(client)
     state.set_tasks([1], labeled=[])
     state.claim_model("m", DIM)
     state.put_vectors([1], vectors(1))
+    assert len(indexes.get(9)) == 1
     state.drop()
-    assert client.keys("lookalike:project:9:*") == []
+    # Only the change stream is left, and its "reset" makes readers let go of the index.
+    assert client.keys("lookalike:project:9:*") == [state.k_changes.encode()]
+    with pytest.raises(StoreError, match="no index yet"):
+        indexes.get(9)
 
 
 def test_vectors_of_tasks_deleted_meanwhile_are_not_written(client: redis.Redis) -> None:

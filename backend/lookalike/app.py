@@ -240,6 +240,10 @@ def _enqueue_for_webhook(
         minimal = {"id": annotation.get("id"), "result": annotation.get("result") or []}
         queue.enqueue(jobs.auto_prioritize, project, int(task_id), minimal)
         return 1
+    if action == "ANNOTATIONS_DELETED":
+        for annotation in body.get("annotations") or []:
+            if isinstance(annotation, dict) and annotation.get("id") is not None:
+                state.remove_annotation(int(annotation["id"]))  # label counts go down too
     if action in {"ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED"}:
         # Bulk changes: a resync relists which tasks are labeled (and repairs any drift).
         queue.enqueue(jobs.sync_project, project, job_timeout=3600)

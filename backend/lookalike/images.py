@@ -100,19 +100,21 @@ def fetch_url(
     `limits.download_timeout` bounds both each socket wait and the whole download.
     """
     getter = session or requests
+    # Messages end up in index-status: never show a query string (presigned URLs are secrets).
+    shown = url.split("?", 1)[0] + ("?..." if "?" in url else "")
     deadline = time.monotonic() + limits.download_timeout
     too_slow = ImageLoadError(
-        "timeout", f"GET {url} took longer than {limits.download_timeout:g}s"
+        "timeout", f"GET {shown} took longer than {limits.download_timeout:g}s"
     )
     try:
         with getter.get(url, stream=True, timeout=limits.download_timeout, headers=headers) as r:
             if r.status_code >= 400:
-                raise ImageLoadError("http_error", f"GET {url} returned HTTP {r.status_code}")
+                raise ImageLoadError("http_error", f"GET {shown} returned HTTP {r.status_code}")
             declared = r.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > limits.max_download_bytes:
                 raise ImageLoadError(
                     "too_large",
-                    f"{url} is {int(declared)} bytes, over the "
+                    f"{shown} is {int(declared)} bytes, over the "
                     f"{limits.max_download_bytes}-byte download limit",
                 )
             chunks: list[bytes] = []
@@ -122,7 +124,7 @@ def fetch_url(
                 if size > limits.max_download_bytes:
                     raise ImageLoadError(
                         "too_large",
-                        f"{url} exceeds the {limits.max_download_bytes}-byte download limit",
+                        f"{shown} exceeds the {limits.max_download_bytes}-byte download limit",
                     )
                 chunks.append(chunk)
                 if time.monotonic() > deadline:
@@ -131,7 +133,8 @@ def fetch_url(
     except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
         if _is_timeout(exc):
             raise too_slow from exc
-        raise ImageLoadError("download_failed", f"GET {url} failed: {exc}") from exc
+        detail = str(exc).replace(url, shown)
+        raise ImageLoadError("download_failed", f"GET {shown} failed: {detail}") from exc
 
 
 def read_source(

@@ -64,8 +64,10 @@ class ProjectState:
 
     def claim_model(self, model: str, dim: int) -> None:
         """Record the model on first use; refuse vectors from any other model afterwards."""
-        self.r.hsetnx(self.k_meta, "model", model)
-        self.r.hsetnx(self.k_meta, "dim", str(dim))
+        pipe = self.r.pipeline(transaction=True)  # model and dim are claimed together
+        pipe.hsetnx(self.k_meta, "model", model)
+        pipe.hsetnx(self.k_meta, "dim", str(dim))
+        pipe.execute()
         meta = self.meta()
         if meta["model"] == model and int(meta["dim"]) == dim and "error" in meta:
             self.r.hdel(self.k_meta, "error")
@@ -289,7 +291,10 @@ class ProjectState:
 
     def drop(self) -> None:
         keys = [v for k, v in vars(self).items() if k.startswith("k_")]
-        self.r.delete(*keys)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.delete(*keys)
+        self._log_change(pipe, "reset", [])  # web processes drop their copy of the index
+        pipe.execute()
 
 
 def _stream_id_lt(a: str, b: str) -> bool:

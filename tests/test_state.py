@@ -132,3 +132,14 @@ def test_vectors_of_tasks_deleted_meanwhile_are_not_written(client: redis.Redis)
     state.remove_tasks([2])  # TASKS_DELETED arrived while the batch was being embedded
     state.put_vectors([1, 2, 3], vectors(3), only_known=True)
     assert state.indexed_ids() == {1, 3}
+
+
+def test_queued_tasks_are_not_queued_again_until_presumed_lost(client: redis.Redis) -> None:
+    state = ProjectState(client, 10)
+    state.mark_queued([1, 2])
+    assert state.recently_queued() == {1, 2}
+    state.unmark_queued([1])
+    assert state.recently_queued() == {2}
+    assert state.recently_queued(max_age=-1) == set()  # older than the horizon: lost
+    state.remove_tasks([2])
+    assert state.recently_queued() == set()

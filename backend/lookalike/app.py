@@ -206,6 +206,7 @@ def _enqueue_for_webhook(
         raw = body.get("tasks") or []
         tasks = [{"id": t["id"], "data": t.get("data") or {}} for t in raw]
         state.add_tasks(t["id"] for t in tasks)  # known at once: counted, and deletable
+        state.mark_queued(t["id"] for t in tasks)
         state.mark_labeled(t["id"] for t in raw if t.get("total_annotations"))
         size = settings.index_batch_size
         batches = [tasks[start : start + size] for start in range(0, len(tasks), size)]

@@ -137,18 +137,23 @@ def _sync_locked(state: ProjectState, retry_failed: bool) -> dict[str, int]:
         skip = set()
     else:
         skip = {f.task_id for f in failures if f.final}
+    skip |= state.recently_queued()  # a sync during a big import does not queue it twice
     missing = [t for i, t in tasks.items() if i not in indexed and i not in skip]
     q = queue()
     for start in range(0, len(missing), s.index_batch_size):
-        enqueue_index(q, project, missing[start : start + s.index_batch_size])
+        enqueue_index(q, state, missing[start : start + s.index_batch_size])
     state.set_meta(last_sync=time.time())
     summary = {"tasks": len(tasks), "enqueued": len(missing), "removed": len(gone)}
     log.info("project %s synced: %s", project, summary)
     return summary
 
 
-def enqueue_index(q: Queue, project: int, tasks: list[dict[str, Any]], attempt: int = 1) -> None:
+def enqueue_index(
+    q: Queue, state: ProjectState, tasks: list[dict[str, Any]], attempt: int = 1
+) -> None:
     """Queue one indexing batch; RQ retries a batch that fails as a whole (Redis, the model)."""
+    state.mark_queued(t["id"] for t in tasks)
+    project = state.project
     q.enqueue(
         index_tasks,
         project,
@@ -205,6 +210,8 @@ def index_tasks(project: int, tasks: list[dict[str, Any]], attempt: int = 1) -> 
         embed_seconds = time.perf_counter() - start
         state.put_vectors(ids, vectors, only_known=True)
     record_indexing(redis_client(), len(ids), failed, embed_seconds)
+    retrying = {int(t["id"]) for t in retry}
+    state.unmark_queued(int(t["id"]) for t in tasks if int(t["id"]) not in retrying)
     if retry:
         delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS)) - 1]
         queue().enqueue_in(

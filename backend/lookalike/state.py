@@ -52,6 +52,7 @@ class ProjectState:
         self.k_priority = _key(project, "priority")  # hash: task id -> priority score
         self.k_labels = _key(project, "annotation_labels")  # hash: annotation id -> json labels
         self.k_views = _key(project, "views")  # hash: tab title -> view id
+        self.k_queued = _key(project, "queued")  # zset: task id -> when its index job was queued
         self.k_sync_lock = _key(project, "sync-lock")
         self.k_priority_lock = _key(project, "priority-lock")
 
@@ -110,6 +111,23 @@ class ProjectState:
         return {int(i) for i in self.r.smembers(self.k_labeled)}
 
     # ------------------------------------------------------------------ vectors
+    def mark_queued(self, task_ids: Iterable[int]) -> None:
+        now = time.time()
+        mapping = {str(int(i)): now for i in task_ids}
+        if mapping:
+            self.r.zadd(self.k_queued, mapping)
+
+    def unmark_queued(self, task_ids: Iterable[int]) -> None:
+        ids = [int(i) for i in task_ids]
+        if ids:
+            self.r.zrem(self.k_queued, *ids)
+
+    def recently_queued(self, max_age: float = 3600.0) -> set[int]:
+        """Tasks whose index job was queued in the last `max_age` seconds (older: presumed lost,
+        e.g. a worker died, so a resync queues them again)."""
+        since = time.time() - max_age
+        return {int(i) for i in self.r.zrangebyscore(self.k_queued, since, "+inf")}
+
     def is_task(self, task_id: int) -> bool:
         return bool(self.r.sismember(self.k_tasks, int(task_id)))
 
@@ -149,6 +167,7 @@ class ProjectState:
             pipe.hdel(key, *ids)
         pipe.srem(self.k_tasks, *ids)
         pipe.srem(self.k_labeled, *ids)
+        pipe.zrem(self.k_queued, *ids)
         self._log_change(pipe, "remove", ids)
         pipe.execute()
 

@@ -52,21 +52,28 @@ def bench_decode(repeat: int) -> dict:
 
 
 def bench_embed(weights: Path, n_images: int, repeat: int) -> dict:
-    embedder = load_embedder(
-        EFFICIENTNET_LITE0_SPEC, weights=str(weights), cache_dir=weights.parent
-    )
+    """Images per second by batch size (1 = one by one; the CPU default is 8)."""
     base = Image.fromarray(skdata.chelsea())
     images = [base.rotate(i * 3) for i in range(n_images)]
-    embedder.embed_images(images[:2])  # warm-up
-    batched = best_of(lambda: embedder.embed_images(images), repeat)
-    single = best_of(lambda: [embedder.embed_images([im]) for im in images], repeat)
+    per_batch = {}
+    for batch_size in (1, 8, 32):
+        embedder = load_embedder(
+            EFFICIENTNET_LITE0_SPEC,
+            weights=str(weights),
+            cache_dir=weights.parent,
+            batch_size=batch_size,
+        )
+        embedder.embed_images(images[:2])  # warm-up
+        per_batch[batch_size] = n_images / best_of(
+            lambda e=embedder: e.embed_images(images), repeat
+        )
     return {
-        "model": embedder.spec,
+        "model": EFFICIENTNET_LITE0_SPEC,
         "device": embedder.device,
         "images": n_images,
-        "batched_img_per_s": n_images / batched,
-        "single_img_per_s": n_images / single,
-        "batching_speedup": single / batched,
+        "img_per_s_by_batch": per_batch,
+        "batch8_vs_single": per_batch[8] / per_batch[1],
+        "batch8_vs_batch32": per_batch[8] / per_batch[32],
     }
 
 
@@ -133,9 +140,11 @@ def main() -> None:
     print(f"{'decode 12 MP JPEG, full (s)':<44}{d['full_s']:>14.4f}")
     print(f"{'decode 12 MP JPEG, draft for 224 px (s)':<44}{d['draft_s']:>14.4f}")
     print(f"{'draft-mode speed-up (x)':<44}{d['speedup']:>14.1f}")
-    print(f"{'embed batched (img/s, ' + e['device'] + ')':<44}{e['batched_img_per_s']:>14.1f}")
-    print(f"{'embed one by one (img/s)':<44}{e['single_img_per_s']:>14.1f}")
-    print(f"{'batching speed-up (x)':<44}{e['batching_speedup']:>14.2f}")
+    for batch_size, rate in e["img_per_s_by_batch"].items():
+        label = f"embed, batch {batch_size} (img/s, {e['device']})"
+        print(f"{label:<44}{rate:>14.1f}")
+    print(f"{'batch 8 vs one by one (x)':<44}{e['batch8_vs_single']:>14.2f}")
+    print(f"{'batch 8 vs batch 32 (x)':<44}{e['batch8_vs_batch32']:>14.2f}")
     print(
         f"\n{'vectors':>10}{'p50 ms':>10}{'p95 ms':>10}{'½ excl ms':>10}{'upsert s':>10}"
         f"{'save s':>10}{'load s':>10}{'MB':>10}"

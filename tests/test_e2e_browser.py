@@ -133,6 +133,15 @@ def browser(page_stack: PageStack):
         driver.quit()
 
 
+def _live_text(driver, selector: str) -> str | None:
+    """Text of an element in a panel the page re-renders every 2 s, read in one JS call (finding
+    then reading in two steps races the re-render: a stale element)."""
+    return driver.execute_script(
+        "const e = document.querySelector(arguments[0]); return e ? e.textContent : null;",
+        selector,
+    )
+
+
 def _results(driver) -> list[dict]:
     """The result cards as the page shows them."""
     return driver.execute_script(
@@ -189,20 +198,16 @@ def test_search_page_searches_queues_and_shows_progress(
     )
     count = f'#progress .project[data-project="{stack.project}"] .indexed-count'
     WebDriverWait(driver, 240, poll_frequency=0.5).until(
-        lambda d: d.find_element(By.CSS_SELECTOR, count).text == f"{total} / {total}"
+        lambda d: _live_text(d, count) == f"{total} / {total}"
     )
-    failed = driver.find_element(
-        By.CSS_SELECTOR, f'#progress .project[data-project="{stack.project}"] .failed'
-    )
-    assert failed.text == "failed 0"
-    WebDriverWait(driver, 10).until(
-        lambda d: d.find_element(By.CSS_SELECTOR, "#jobs .workers b").text == "1"
-    )
+    failed = _live_text(driver, f'#progress .project[data-project="{stack.project}"] .failed')
+    assert failed == "failed 0"
+    WebDriverWait(driver, 10).until(lambda d: _live_text(d, "#jobs .workers b") == "1")
     # Once indexed, the picker no longer calls the project unknown to this backend.
     WebDriverWait(driver, 10).until(
         lambda d: "not indexed" not in d.find_element(By.ID, "project").text
     )
-    assert "null" not in driver.find_element(By.ID, "jobs").text
+    assert "null" not in _live_text(driver, "#jobs")
 
     # A text query on an image-only model: the server's error is shown, nothing breaks.
     driver.find_element(By.ID, "text").send_keys("a cat on a sofa")
@@ -268,7 +273,7 @@ def test_search_page_searches_queues_and_shows_progress(
     assert tab_tasks[0] == copy
 
     # The progress panel still reads indexed == total; the page never holds the API key.
-    assert driver.find_element(By.CSS_SELECTOR, count).text == f"{total} / {total}"
+    assert _live_text(driver, count) == f"{total} / {total}"
     projects = requests.get(f"{stack.url}/api/projects", timeout=10)
     [listed] = [p for p in projects.json()["projects"] if p["id"] == stack.project]
     assert listed["connected"] and listed["task_count"] == total

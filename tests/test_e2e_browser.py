@@ -157,9 +157,21 @@ def _results(driver) -> list[dict]:
     )
 
 
+def page_wait(driver, timeout: float, poll_frequency: float = 0.5):
+    """Selenium's wait, also riding out elements the page replaced while we looked at them."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait as SeleniumWait
+
+    return SeleniumWait(
+        driver,
+        timeout,
+        poll_frequency=poll_frequency,
+        ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
+    )
+
+
 def _wait_results(driver, after_query: str, timeout: float = 60) -> list[dict]:
     """Wait until the page shows results of the query titled `after_query`."""
-    from selenium.webdriver.support.ui import WebDriverWait
 
     def ready(d):
         titles = d.find_elements("css selector", "#query .title")
@@ -170,7 +182,7 @@ def _wait_results(driver, after_query: str, timeout: float = 60) -> list[dict]:
             raise AssertionError(f"the page says: {message.text}")
         return _results(d) or False
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(ready)
+    return page_wait(driver, timeout, poll_frequency=0.2).until(ready)
 
 
 def _wait_thumbnails(driver, timeout: float = 60) -> list[dict]:
@@ -185,7 +197,6 @@ def test_search_page_searches_queues_and_shows_progress(
     page_stack: PageStack, browser, tmp_path: Path
 ) -> None:
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     stack, driver, names = page_stack, browser, page_stack.names
     total = len(names)
@@ -193,18 +204,18 @@ def test_search_page_searches_queues_and_shows_progress(
     driver.get(stack.url + "/")
 
     # The project is picked automatically; its progress bar reaches indexed == total.
-    WebDriverWait(driver, 30).until(
+    page_wait(driver, 30).until(
         lambda d: d.find_element(By.ID, "project").get_attribute("value") == str(stack.project)
     )
     count = f'#progress .project[data-project="{stack.project}"] .indexed-count'
-    WebDriverWait(driver, 240, poll_frequency=0.5).until(
+    page_wait(driver, 240, poll_frequency=0.5).until(
         lambda d: _live_text(d, count) == f"{total} / {total}"
     )
     failed = _live_text(driver, f'#progress .project[data-project="{stack.project}"] .failed')
     assert failed == "failed 0"
-    WebDriverWait(driver, 10).until(lambda d: _live_text(d, "#jobs .workers b") == "1")
+    page_wait(driver, 10).until(lambda d: _live_text(d, "#jobs .workers b") == "1")
     # Once indexed, the picker no longer calls the project unknown to this backend.
-    WebDriverWait(driver, 10).until(
+    page_wait(driver, 10).until(
         lambda d: "not indexed" not in d.find_element(By.ID, "project").text
     )
     assert "null" not in _live_text(driver, "#jobs")
@@ -212,7 +223,7 @@ def test_search_page_searches_queues_and_shows_progress(
     # A text query on an image-only model: the server's error is shown, nothing breaks.
     driver.find_element(By.ID, "text").send_keys("a cat on a sofa")
     driver.find_element(By.ID, "search").click()
-    WebDriverWait(driver, 30).until(lambda d: "image-only" in d.find_element(By.ID, "message").text)
+    page_wait(driver, 30).until(lambda d: "image-only" in d.find_element(By.ID, "message").text)
     driver.find_element(By.ID, "text").clear()
 
     # Search by an uploaded image: a near copy of the rocket photo finds the rocket tasks.
@@ -258,7 +269,7 @@ def test_search_page_searches_queues_and_shows_progress(
     assert queue_button.text == "Queue selected (3)"
     queue_button.click()
     title = f"Similar to #{query}"
-    WebDriverWait(driver, 60).until(
+    page_wait(driver, 60).until(
         lambda d: (
             "queued" in d.find_element(By.ID, "message").text
             or "error" in d.find_element(By.ID, "message").get_attribute("class")

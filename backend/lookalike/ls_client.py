@@ -228,14 +228,6 @@ class LabelStudioClient:
         )
         return int(response.json()["id"])
 
-    def view_task_ids(self, project_id: int, view_id: int) -> list[int]:
-        response = self._request(
-            "GET", "/api/tasks/", params={"project": project_id, "view": view_id, "page_size": 1000}
-        )
-        body = response.json()
-        tasks = body["tasks"] if isinstance(body, dict) else body
-        return [int(t["id"]) for t in tasks]
-
     # ----------------------------------------------------------------- predictions
     def put_prediction(
         self, task_id: int, score: float, model_version: str, prediction_id: int | None

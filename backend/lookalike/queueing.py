@@ -14,7 +14,7 @@ other versions, Lookalike keeps to tabs and says so.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lookalike.config import Settings
 from lookalike.ls_client import LabelStudioClient, LabelStudioError
@@ -33,7 +33,6 @@ class QueueResult:
     view_id: int | None
     priority: bool
     message: str
-    notes: list[str] = field(default_factory=list)
 
 
 def rare_labels(counts: dict[str, int], share: float) -> set[str]:
@@ -90,12 +89,11 @@ def queue_matches(
     ls: LabelStudioClient,
     hits: list[Hit],
     title: str,
-    use_priority: bool = True,
 ) -> QueueResult:
     """Show `hits` in the tab `title` (created or updated) and give them priority."""
     task_ids = [h.id for h in hits]
     priority, note = False, ""
-    if use_priority and hits:
+    if hits:
         try:
             priority, note = priority_allowed(settings, ls, state.project)
             if priority:
@@ -109,7 +107,7 @@ def queue_matches(
     message = f"{len(task_ids)} similar unlabeled tasks queued in tab '{title}'"
     if note:
         message += f"; {note}"
-    return QueueResult(title, task_ids, view_id, priority, message, [note] if note else [])
+    return QueueResult(title, task_ids, view_id, priority, message)
 
 
 def _write_priorities(

@@ -100,12 +100,12 @@ class ProjectState:
     def task_ids(self) -> set[int]:
         return {int(i) for i in self.r.smembers(self.k_tasks)}
 
-    def mark_labeled(self, task_ids: Iterable[int], labeled: bool = True) -> None:
+    def mark_labeled(self, task_ids: Iterable[int]) -> None:
+        """Labeled tasks leave every search, and their priority goes with them."""
         ids = [int(i) for i in task_ids]
         if ids:
-            (self.r.sadd if labeled else self.r.srem)(self.k_labeled, *ids)
-            if labeled:
-                self.r.hdel(self.k_priority, *ids)
+            self.r.sadd(self.k_labeled, *ids)
+            self.r.hdel(self.k_priority, *ids)
 
     def labeled_ids(self) -> set[int]:
         return {int(i) for i in self.r.smembers(self.k_labeled)}
@@ -277,9 +277,6 @@ class ProjectState:
 
     def set_view_id(self, title: str, view_id: int) -> None:
         self.r.hset(self.k_views, title, str(view_id))
-
-    def forget_view(self, title: str) -> None:
-        self.r.hdel(self.k_views, title)
 
     # ------------------------------------------------------------------ status
     def status(self) -> dict[str, Any]:

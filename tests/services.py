@@ -1,6 +1,6 @@
-"""Real services for the end-to-end tests: see `lookalike.devstack`, plus a static file server.
+"""Real services for the end-to-end tests: see `lookalike_dev.devstack`, plus a static file server.
 
-    from tests.services import label_studio_server, lookalike_process, redis_server
+from tests.services import label_studio_server, lookalike_process, redis_server
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from lookalike.devstack import (
+from lookalike_dev.devstack import (
     LabelStudioServer,
     ServiceError,
     free_port,

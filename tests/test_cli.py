@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lookalike.cli import build_parser
+from lookalike.cli.main import build_parser
 
 SCRIPT = shutil.which("lookalike", path=str(Path(sys.executable).parent))
 COMMAND = [SCRIPT] if SCRIPT else [sys.executable, "-m", "lookalike.cli"]

@@ -32,7 +32,7 @@ from tests.services import (
     wait_http,
 )
 
-from lookalike.weights import convert_efficientnet_lite0
+from lookalike.core.weights import convert_efficientnet_lite0
 
 pytestmark = pytest.mark.e2e
 
@@ -378,6 +378,111 @@ def test_whole_image_query_and_full_box(indexed: Stack) -> None:
         assert tasks[0] == names[f"{name}_copy.jpg"], (name, tasks)
 
 
+def whole_image_point() -> dict[str, Any]:
+    return {
+        "type": "keypointlabels",
+        "from_name": "lookalike_image",
+        "to_name": "image",
+        "value": {"x": 50, "y": 50, "keypointlabels": ["Find similar: whole image"]},
+    }
+
+
+def box(x: float, y: float, width: float, height: float) -> dict[str, Any]:
+    return {
+        "type": "rectanglelabels",
+        "from_name": "lookalike_box",
+        "to_name": "image",
+        "value": {
+            "x": x,
+            "y": y,
+            "width": width,
+            "height": height,
+            "rotation": 0,
+            "rectanglelabels": ["Find similar"],
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def order_project(indexed: Stack) -> tuple[Backend, dict[str, int]]:
+    """A fresh project of seven photos and their augmented copies, for the queue-order tests."""
+    ls = indexed.ls
+    project = create_project(ls, "queue order")
+    files = {f"{n}.jpg": jpeg_bytes(photo(n)) for n in PHOTOS}
+    files |= {f"{n}_copy.jpg": jpeg_bytes(augmented(photo(n))) for n in PHOTOS}
+    upload(ls, project, files)
+    ml_id = connect(ls, project, indexed.photos.url, "lookalike-order")
+    backend = Backend(indexed.photos.url, ml_id, project)
+    wait_for(lambda: backend.status()["indexed"] == len(files) or None, 180, "indexing")
+    return backend, task_ids_by_name(ls, project)
+
+
+def test_each_tab_starts_with_its_own_best_match_and_the_latest_request_is_served_first(
+    indexed: Stack, order_project: tuple[Backend, dict[str, int]]
+) -> None:
+    """Ten requests in a row: after each, its tab starts with the query's own best match (the
+    augmented copy's original, or the original's copy), and "Label All Tasks" serves it (the
+    annotator then labels it, as they would)."""
+    ls = indexed.ls
+    backend, ids = order_project
+    queries = [  # (query task, region, expected best match)
+        ("chelsea_copy.jpg", box(0, 0, 100, 100), "chelsea.jpg"),
+        ("coffee.jpg", whole_image_point(), "coffee_copy.jpg"),
+        ("astronaut_copy.jpg", box(3, 3, 94, 94), "astronaut.jpg"),
+        ("rocket.jpg", box(0, 0, 100, 100), "rocket_copy.jpg"),
+        ("camera_copy.jpg", whole_image_point(), "camera.jpg"),
+        ("horse.jpg", box(2, 2, 96, 96), "horse_copy.jpg"),
+        ("immunohistochemistry_copy.jpg", whole_image_point(), "immunohistochemistry.jpg"),
+        ("chelsea.jpg", whole_image_point(), "chelsea_copy.jpg"),
+        ("coffee_copy.jpg", box(4, 4, 92, 92), "coffee.jpg"),
+        ("rocket_copy.jpg", whole_image_point(), "rocket.jpg"),
+    ]
+    for number, (name, region, expected) in enumerate(queries, 1):
+        query = ids[name]
+        reply = interactive(ls, backend.ml_id, query, region)
+        message = status_message(reply)
+        assert "Label All Tasks' serves them next" in message, (number, message)
+        title = f"Similar to #{query}" + (" (box)" if region["type"] == "rectanglelabels" else "")
+        _, tasks = tab(ls, backend.project, title)
+        assert tasks[0] == ids[expected], (number, name, tasks)
+        assert len(tasks) == 5 and query not in tasks
+        served = next_task(ls, backend.project)
+        assert served == tasks[0], (number, name, served, tasks)
+        # Label it: Label Studio keeps serving a task its annotator holds locked.
+        label = ls.request("POST", f"/api/tasks/{served}/annotations/", json={"result": []})
+        assert label.status_code == 201, label.text
+
+
+def test_two_requests_that_share_matches(
+    indexed: Stack, order_project: tuple[Backend, dict[str, int]]
+) -> None:
+    """The later request's tab is in its own order; the earlier tab keeps exactly its matches
+    (those the later request also found first); Label All Tasks serves the later request's
+    matches in its order, then the earlier request's other matches in theirs."""
+    ls = indexed.ls
+    backend, ids = order_project
+    first_query, second_query = ids["astronaut.jpg"], ids["camera.jpg"]
+    first = [r["task_id"] for r in backend.similar(task_id=first_query).json()["results"]]
+    interactive(ls, backend.ml_id, first_query, whole_image_point())
+    second = [r["task_id"] for r in backend.similar(task_id=second_query).json()["results"]]
+    interactive(ls, backend.ml_id, second_query, whole_image_point())
+    shared = [t for t in second if t in first]
+    assert shared, (first, second)  # five of thirteen candidates each: they overlap
+    _, second_tab = tab(ls, backend.project, f"Similar to #{second_query}")
+    assert second_tab == second
+    _, first_tab = tab(ls, backend.project, f"Similar to #{first_query}")
+    assert first_tab == shared + [t for t in first if t not in second]
+    # Label All Tasks: label each served task (an empty annotation) and ask for the next.
+    expected = second + [t for t in first if t not in second]
+    served = []
+    for _ in expected:
+        task = next_task(ls, backend.project)
+        served.append(task)
+        response = ls.request("POST", f"/api/tasks/{task}/annotations/", json={"result": []})
+        assert response.status_code == 201, response.text
+    assert served == expected
+
+
 def test_context_free_predict_is_cheap_and_creates_nothing(indexed: Stack) -> None:
     task = indexed.ls.request("GET", f"/api/tasks/{indexed.names['rocket.jpg']}").json()
     response = requests.post(
@@ -409,8 +514,17 @@ def test_text_query_through_smart_textarea(indexed: Stack) -> None:
     scores = [r["score"] for r in expected]
     assert scores == sorted(scores, reverse=True)
     top = [r["task_id"] for r in expected if r["task_id"] != ids["rocket.jpg"]][:5]
-    assert sorted(tasks) == sorted(top)  # priority is off here, so the tab is in id order
+    assert tasks == top  # the tab is in the prompt's own order (sampling is left alone)
     assert ids["rocket.jpg"] not in tasks
+    info = ls.request("GET", f"/api/projects/{clip.project}").json()
+    assert info["sampling"] != "Uncertainty sampling"  # LOOKALIKE_SET_SAMPLING=false
+
+    # A second prompt: its tab is in its own order too.
+    second = "a cat on a sofa"
+    interactive(ls, clip.ml_id, ids["rocket.jpg"], {**region, "value": {"text": [second]}})
+    _, tasks = tab(ls, clip.project, f"Text: {second}")
+    expected = clip.similar(text=second, k=6).json()["results"]
+    assert tasks == [r["task_id"] for r in expected if r["task_id"] != ids["rocket.jpg"]][:5]
 
 
 def test_exact_duplicate_scores_one_with_random_clip(indexed: Stack) -> None:

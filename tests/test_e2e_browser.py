@@ -43,7 +43,7 @@ from tests.test_e2e_backend import (
     wait_for,
 )
 
-from lookalike.weights import convert_efficientnet_lite0
+from lookalike.core.weights import convert_efficientnet_lite0
 
 pytestmark = pytest.mark.e2e
 

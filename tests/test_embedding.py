@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from lookalike.config import Settings
-from lookalike.embedding import (
+from lookalike.core.embedding import (
     EmbedderError,
     ModelSpec,
     TextNotSupportedError,
@@ -18,10 +18,10 @@ from lookalike.embedding import (
     embedder_from_settings,
     load_embedder,
 )
-from lookalike.weights import (
+from lookalike.core.weights import (
     EFFICIENTNET_LITE0_SPEC as LITE0_SPEC,
 )
-from lookalike.weights import (
+from lookalike.core.weights import (
     WeightsConversionError,
     convert_efficientnet_lite0,
 )

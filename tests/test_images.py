@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lookalike.images import (
+from lookalike.core.images import (
     ImageLimits,
     ImageLoadError,
     crop,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from lookalike.cli import build_parser
+from lookalike.cli.main import build_parser
 from lookalike.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
-from lookalike.embedding import TextNotSupportedError
-from lookalike.folder_index import index_folder, iter_image_files
-from lookalike.images import ImageLoadError
-from lookalike.search import QueryError, Searcher, SearchOptions
-from lookalike.store import Collection, ModelMismatchError, VectorStore
+from lookalike.core.embedding import TextNotSupportedError
+from lookalike.core.folder_index import index_folder, iter_image_files
+from lookalike.core.images import ImageLoadError
+from lookalike.core.query import QueryError, Searcher, SearchOptions
+from lookalike.core.store import Collection, ModelMismatchError, VectorStore
 
 
 def png_bytes(image: Image.Image) -> bytes:

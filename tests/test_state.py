@@ -9,9 +9,9 @@ import pytest
 import redis
 from tests.services import redis_server
 
-from lookalike.project_index import ProjectIndexes
-from lookalike.state import ModelConflictError, ProjectState
-from lookalike.store import StoreError
+from lookalike.core.store import StoreError
+from lookalike.service.project_index import ProjectIndexes
+from lookalike.service.state import ModelConflictError, ProjectState
 
 DIM = 8
 
@@ -37,21 +37,21 @@ def vectors(n: int, seed: int = 0) -> np.ndarray:
 
 def test_put_vectors_is_idempotent_per_task_id(client: redis.Redis) -> None:
     state = ProjectState(client, 7)
-    state.claim_model("m", DIM)
+    state.meta.claim_model("m", DIM)
     state.put_vectors([1, 2, 3], vectors(3))
     state.put_vectors([2, 3], vectors(2, seed=1))  # a retried job, with new vectors
-    assert state.indexed_ids() == {1, 2, 3}
-    np.testing.assert_allclose(state.vectors([2])[2], vectors(2, seed=1)[0])
+    assert state.vectors.ids() == {1, 2, 3}
+    np.testing.assert_allclose(state.vectors.get([2])[2], vectors(2, seed=1)[0])
 
 
 def test_a_success_clears_the_tasks_failure(client: redis.Redis) -> None:
     state = ProjectState(client, 7)
-    state.set_tasks([1, 2], labeled=[])
-    state.record_failure(1, "timeout: slow", attempts=1, final=False)
-    state.record_failure(2, "not_an_image: junk", attempts=1, final=True)
+    state.replace_tasks([1, 2], labeled=[])
+    state.failures.record(1, "timeout: slow", attempts=1, final=False)
+    state.failures.record(2, "not_an_image: junk", attempts=1, final=True)
     status = state.status()
     assert (status["failed"], status["retrying"], status["pending"]) == (1, 1, 1)
-    state.claim_model("m", DIM)
+    state.meta.claim_model("m", DIM)
     state.put_vectors([1], vectors(1))
     status = state.status()
     assert (status["indexed"], status["failed"], status["pending"]) == (1, 1, 0)
@@ -60,11 +60,11 @@ def test_a_success_clears_the_tasks_failure(client: redis.Redis) -> None:
 
 def test_another_model_is_refused_with_a_way_out(client: redis.Redis) -> None:
     state = ProjectState(client, 7)
-    state.claim_model("open_clip:ViT-B-32/x", DIM)
+    state.meta.claim_model("open_clip:ViT-B-32/x", DIM)
     with pytest.raises(ModelConflictError, match="reindex"):
-        state.claim_model("timm:efficientnet_lite0", 1280)
+        state.meta.claim_model("timm:efficientnet_lite0", 1280)
     state.reset()  # what /reindex does
-    state.claim_model("timm:efficientnet_lite0", 1280)
+    state.meta.claim_model("timm:efficientnet_lite0", 1280)
 
 
 def test_web_index_follows_upserts_and_removals(client: redis.Redis) -> None:
@@ -72,7 +72,7 @@ def test_web_index_follows_upserts_and_removals(client: redis.Redis) -> None:
     indexes = ProjectIndexes(client)
     with pytest.raises(StoreError, match="no index yet"):
         indexes.get(3)
-    state.claim_model("m", DIM)
+    state.meta.claim_model("m", DIM)
     data = vectors(10)
     state.put_vectors(range(5), data[:5])
     collection = indexes.get(3)
@@ -88,58 +88,103 @@ def test_web_index_follows_upserts_and_removals(client: redis.Redis) -> None:
 def test_web_index_rebuilds_after_reset_and_after_a_trimmed_log(client: redis.Redis) -> None:
     state = ProjectState(client, 4)
     indexes = ProjectIndexes(client)
-    state.claim_model("m", DIM)
+    state.meta.claim_model("m", DIM)
     state.put_vectors([1, 2], vectors(2))
     assert len(indexes.get(4)) == 2
     state.reset()
-    state.claim_model("m2", DIM)
+    state.meta.claim_model("m2", DIM)
     state.put_vectors([5], vectors(1, seed=3))
     collection = indexes.get(4)
     assert collection.model == "m2" and set(collection.ids().tolist()) == {5}
     # A reader that fell behind a trimmed change log rebuilds from the hash.
     state.put_vectors([6], vectors(1, seed=4))
-    client.xtrim(state.k_changes, maxlen=0)
+    client.xtrim("lookalike:project:4:changes", maxlen=0)  # behind the backend's back
     state.put_vectors([7], vectors(1, seed=5))
     assert set(indexes.get(4).ids().tolist()) == {5, 6, 7}
 
 
 def test_labeled_tasks_lose_their_priority(client: redis.Redis) -> None:
     state = ProjectState(client, 5)
-    state.set_priorities({1: 0.1, 2: 0.2})
+    state.priorities.set(1, prediction_id=11, score=0.1)
+    state.priorities.set(2, prediction_id=12, score=0.2)
     state.mark_labeled([1])
-    assert state.labeled_ids() == {1}
-    assert state.priorities([1, 2]) == {2: 0.2}
+    assert state.labeled.ids() == {1}
+    assert state.priorities.scores([1, 2]) == {2: 0.2}
+    # The prediction stays in Label Studio, so its id is kept: a later match updates it.
+    assert state.priorities.prediction_ids([1, 2]) == {1: 11, 2: 12}
 
 
 def test_drop_forgets_the_project_and_web_indexes_follow(client: redis.Redis) -> None:
     state = ProjectState(client, 9)
     indexes = ProjectIndexes(client)
-    state.set_tasks([1], labeled=[])
-    state.claim_model("m", DIM)
+    state.replace_tasks([1], labeled=[])
+    state.meta.claim_model("m", DIM)
     state.put_vectors([1], vectors(1))
     assert len(indexes.get(9)) == 1
     state.drop()
     # Only the change stream is left, and its "reset" makes readers let go of the index.
-    assert client.keys("lookalike:project:9:*") == [state.k_changes.encode()]
+    assert client.keys("lookalike:project:9:*") == [b"lookalike:project:9:changes"]
     with pytest.raises(StoreError, match="no index yet"):
         indexes.get(9)
 
 
 def test_vectors_of_tasks_deleted_meanwhile_are_not_written(client: redis.Redis) -> None:
     state = ProjectState(client, 8)
-    state.claim_model("m", DIM)
-    state.add_tasks([1, 2, 3])
+    state.meta.claim_model("m", DIM)
+    state.tasks.add([1, 2, 3])
     state.remove_tasks([2])  # TASKS_DELETED arrived while the batch was being embedded
     state.put_vectors([1, 2, 3], vectors(3), only_known=True)
-    assert state.indexed_ids() == {1, 3}
+    assert state.vectors.ids() == {1, 3}
 
 
 def test_queued_tasks_are_not_queued_again_until_presumed_lost(client: redis.Redis) -> None:
     state = ProjectState(client, 10)
-    state.mark_queued([1, 2])
-    assert state.recently_queued() == {1, 2}
-    state.unmark_queued([1])
-    assert state.recently_queued() == {2}
-    assert state.recently_queued(max_age=-1) == set()  # older than the horizon: lost
+    state.index_marks.mark([1, 2])
+    assert state.index_marks.recent(3600) == {1, 2}
+    state.index_marks.unmark([1])
+    assert state.index_marks.recent(3600) == {2}
+    assert state.index_marks.recent(max_age=-1) == set()  # older than the horizon: lost
     state.remove_tasks([2])
-    assert state.recently_queued() == set()
+    assert state.index_marks.recent(3600) == set()
+
+
+def test_drop_also_forgets_locks_and_the_first_sync_flag(client: redis.Redis) -> None:
+    state = ProjectState(client, 11)
+    assert state.locks.claim_first_sync()
+    assert not state.locks.claim_first_sync()  # once per project
+    state.views.set("Similar to #1", 5)
+    state.labels.set(100, task_id=1, labels=["Car"])
+    with state.locks.priority():
+        pass
+    state.drop()
+    assert state.locks.claim_first_sync()  # a project connected again is synced again
+    assert state.views.get("Similar to #1") is None and state.labels.counts() == {}
+
+
+def test_remove_tasks_is_one_transaction_over_every_concern(client: redis.Redis) -> None:
+    state = ProjectState(client, 12)
+    state.replace_tasks([1, 2], labeled=[2])
+    state.meta.claim_model("m", DIM)
+    state.put_vectors([1, 2], vectors(2))
+    state.failures.record(1, "timeout: slow", attempts=1, final=False)
+    state.priorities.set(1, prediction_id=7, score=0.3)
+    state.index_marks.mark([1])
+    state.remove_tasks([1, 2])
+    status = state.status()
+    assert (status["total"], status["indexed"], status["labeled"], status["failures"]) == (
+        0,
+        0,
+        0,
+        [],
+    )
+    assert state.priorities.prediction_ids([1]) == {} and state.index_marks.recent(3600) == set()
+    assert state.vectors.changes_since("0-0")[-1][1:] == ("remove", [1, 2])
+
+
+def test_label_counts_count_an_annotation_once_per_label(client: redis.Redis) -> None:
+    state = ProjectState(client, 13)
+    state.labels.set(1, task_id=1, labels=["Car", "Car", "Police car"])
+    state.labels.set(2, task_id=2, labels=["Car"])
+    assert state.labels.counts() == {"Car": 2, "Police car": 1}
+    state.labels.remove(1)
+    assert state.labels.counts() == {"Car": 1}

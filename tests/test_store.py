@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import lookalike.store as store_module
-from lookalike.store import Collection, Hit, ModelMismatchError, StoreError, VectorStore
+import lookalike.core.store as store_module
+from lookalike.core.store import Collection, Hit, ModelMismatchError, StoreError, VectorStore
 
 MODEL = "test:model"
 DIM = 16

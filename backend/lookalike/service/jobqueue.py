@@ -1,0 +1,96 @@
+"""Enqueueing background work: one method per kind of job, with its timeout and retry policy.
+
+Jobs are named by their dotted path (RQ imports them in the worker), so the web process can
+enqueue without importing the worker-side code, and the modules that run jobs can enqueue
+follow-ups (a sync enqueues index batches) without an import cycle.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import redis
+from rq import Queue, Retry
+from rq.job import Job
+
+from lookalike.config import Settings
+from lookalike.timeouts import INDEX_BATCH_RETRY_DELAYS, INDEX_BATCH_TIMEOUT, SYNC_TIMEOUT
+
+_JOBS = "lookalike.service.jobs"
+SYNC = f"{_JOBS}.sync_project"
+REINDEX = f"{_JOBS}.reindex_project"
+INDEX = f"{_JOBS}.index_tasks"
+REMOVE = f"{_JOBS}.remove_tasks"
+PRIORITIZE = f"{_JOBS}.auto_prioritize"
+DROP = f"{_JOBS}.drop_project"
+
+
+def _batch_retry() -> Retry:
+    """RQ retries a batch that failed as a whole (Redis, the model); per-task failures are
+    recorded and retried by the job itself."""
+    return Retry(max=len(INDEX_BATCH_RETRY_DELAYS), interval=list(INDEX_BATCH_RETRY_DELAYS))
+
+
+class JobQueue:
+    def __init__(self, connection: redis.Redis, settings: Settings) -> None:
+        self.queue = Queue(settings.queue_name, connection=connection)
+        self.batch_size = settings.index_batch_size
+
+    @property
+    def count(self) -> int:
+        return self.queue.count
+
+    def sync(self, project: int, retry_failed: bool = False) -> Job:
+        """List the project's tasks, index the missing, drop the deleted (retry_failed: a
+        person asked, so tasks that failed for good are tried again)."""
+        return self.queue.enqueue(SYNC, project, retry_failed, job_timeout=SYNC_TIMEOUT)
+
+    def reindex(self, project: int) -> Job:
+        return self.queue.enqueue(REINDEX, project, job_timeout=SYNC_TIMEOUT)
+
+    def index(self, project: int, tasks: list[dict[str, Any]]) -> int:
+        """Queue `tasks` in batches, in one round trip; returns the number of jobs."""
+        batches = [
+            tasks[start : start + self.batch_size]
+            for start in range(0, len(tasks), self.batch_size)
+        ]
+        if not batches:
+            return 0
+        jobs = [
+            Queue.prepare_data(
+                INDEX,
+                (project, batch, 1),
+                timeout=INDEX_BATCH_TIMEOUT,
+                retry=_batch_retry(),
+                description=f"index {len(batch)} tasks of project {project}",
+            )
+            for batch in batches
+        ]
+        with self.queue.connection.pipeline() as pipe:
+            self.queue.enqueue_many(jobs, pipeline=pipe)
+            pipe.execute()
+        return len(batches)
+
+    def retry_index(
+        self, project: int, tasks: list[dict[str, Any]], attempt: int, delay: float
+    ) -> Job:
+        """Tasks whose download failed, tried again after `delay` seconds."""
+        return self.queue.enqueue_in(
+            timedelta(seconds=delay),
+            INDEX,
+            project,
+            tasks,
+            attempt,
+            job_timeout=INDEX_BATCH_TIMEOUT,
+            description=f"retry {len(tasks)} tasks of project {project} (attempt {attempt})",
+        )
+
+    def remove(self, project: int, task_ids: list[int]) -> Job:
+        return self.queue.enqueue(REMOVE, project, task_ids)
+
+    def auto_prioritize(self, project: int, task_id: int, annotation: dict[str, Any]) -> Job:
+        return self.queue.enqueue(PRIORITIZE, project, task_id, annotation)
+
+    def drop(self, project: int) -> Job:
+        return self.queue.enqueue(DROP, project)

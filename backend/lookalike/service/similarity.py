@@ -1,0 +1,212 @@
+"""Find similar tasks in a project and queue them: the one place the HTTP app and jobs call.
+
+Queries: a task (its stored vector), a box on a task's image (a crop, embedded now), a text
+prompt, an uploaded image or URL. Results exclude the query task and labeled tasks.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from lookalike.core.embedding import Embedder
+from lookalike.core.images import ImageLoadError, decode_image
+from lookalike.core.query import QueryError, image_query_vector, normalise, text_query_vector
+from lookalike.core.store import Collection, Hit
+from lookalike.errors import ConflictError, NotFoundError
+from lookalike.service.indexing import image_key
+from lookalike.service.ls_client import LabelStudioError, TaskImageError
+from lookalike.service.project_index import ProjectIndexes
+from lookalike.service.queueing import QueueResult, queue_matches
+from lookalike.service.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SimilarQuery:
+    """What to search by: exactly one of task_id / text / image / url (box with task or image)."""
+
+    task_id: int | None = None
+    text: str | None = None
+    image: bytes | None = None
+    url: str | None = None
+    box: tuple[float, float, float, float] | None = None  # x, y, w, h in percent
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> SimilarQuery:
+        given = [k for k in ("task_id", "text", "image", "url") if body.get(k) not in (None, "")]
+        if len(given) != 1:
+            raise QueryError("give exactly one of task_id, text, image (base64) or url")
+        image = None
+        if body.get("image"):
+            raw = str(body["image"])
+            try:
+                image = base64.b64decode(raw.split(",", 1)[-1], validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise QueryError("image must be base64 (optionally a data: URI)") from exc
+        box = body.get("box")
+        if box is not None:
+            if isinstance(box, dict):
+                box = [box.get(k) for k in ("x", "y", "width", "height")]
+            try:
+                box = tuple(float(v) for v in box)
+            except (TypeError, ValueError):
+                box = ()
+            if len(box) != 4:
+                raise QueryError("box is {x, y, width, height} in percent of the image")
+        for name in ("text", "url"):
+            if body.get(name) is not None and not isinstance(body[name], str):
+                raise QueryError(f"{name} must be a string")
+        url = body.get("url")
+        if url and not str(url).lower().startswith(("http://", "https://")):
+            # Never a path: this API must not read the server's own files.
+            raise QueryError("url must be an http(s) URL")
+        task_id = body.get("task_id")
+        if task_id is not None and not str(task_id).isdigit():
+            raise QueryError("task_id must be an integer")
+        return cls(
+            task_id=int(task_id) if task_id is not None else None,
+            text=body.get("text"),
+            image=image,
+            url=body.get("url"),
+            box=box,  # type: ignore[arg-type]
+        )
+
+    def title(self) -> str:
+        if self.text:
+            return f"Text: {self.text.strip()[:60]}"
+        if self.task_id is not None:
+            return f"Similar to #{self.task_id}" + (" (box)" if self.box else "")
+        if self.url:
+            return f"Similar to {self.url.rsplit('/', 1)[-1][:40]}"
+        return "Similar to uploaded image"
+
+
+class SimilarityService:
+    """Searches a project's index and queues the matches; shared by the web app and jobs."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.indexes = ProjectIndexes(rt.redis)
+
+    def task(self, project: int, task_id: int) -> dict[str, Any]:
+        """The task from Label Studio; NotFoundError if it is not in `project`."""
+        try:
+            task = self.rt.ls.task(task_id)
+        except LabelStudioError as exc:
+            if exc.status == 404:
+                raise NotFoundError(f"task {task_id} does not exist") from exc
+            raise
+        if int(task.get("project") or project) != project:
+            raise NotFoundError(f"task {task_id} is not in project {project}")
+        return task
+
+    def task_image_bytes(self, project: int, task: dict[str, Any]) -> bytes:
+        """The task's image file. A failed download is Label Studio's (or the image host's)
+        failure, not the caller's: it becomes an UpstreamError."""
+        key = image_key(self.rt, self.rt.state(project))
+        cache_dir = self.rt.task_files_dir / str(project)
+        try:
+            return self.rt.ls.task_image_bytes(task, key, self.rt.limits, cache_dir)
+        except ImageLoadError as exc:
+            message = self.rt.ls.scrub(f"task {task.get('id')} image: {exc}")
+            raise TaskImageError(message, exc.reason) from None
+
+    def task_image(self, project: int, task: dict[str, Any]) -> Image.Image:
+        """The task's image at full resolution (thumbnails)."""
+        raw = self.task_image_bytes(project, task)
+        try:
+            return decode_image(raw, self.rt.limits, name=f"task {task.get('id')} image")
+        except ImageLoadError as exc:
+            raise TaskImageError(str(exc), exc.reason) from exc
+
+    def query_vector(
+        self, project: int, query: SimilarQuery, task: dict | None = None
+    ) -> np.ndarray:
+        collection = self.indexes.get(project)
+        if query.text:
+            return self._embedded(collection, lambda e: text_query_vector(e, query.text or ""))
+        if query.image is not None or query.url:
+            source = query.image if query.image is not None else query.url
+            return self._embedded(
+                collection, lambda e: image_query_vector(e, source, self.rt.limits, query.box, "%")
+            )
+        assert query.task_id is not None
+        whole = query.box is None or _covers_whole_image(query.box)
+        if whole and query.task_id in collection:
+            return collection.get(query.task_id)
+        # A box, or a task not indexed yet (just imported): embed it now.
+        task = task or self.task(project, query.task_id)
+        raw = self.task_image_bytes(project, task)
+        box = None if whole else query.box
+        try:
+            return self._embedded(
+                collection, lambda e: image_query_vector(e, raw, self.rt.limits, box, "%")
+            )
+        except ImageLoadError as exc:
+            raise TaskImageError(str(exc), exc.reason) from exc
+
+    def _embedded(
+        self, collection: Collection, compute: Callable[[Embedder], np.ndarray]
+    ) -> np.ndarray:
+        embedder = self.rt.embedder()
+        collection.check_model(embedder.spec, embedder.dim)  # never mix two models' vectors
+        start = time.perf_counter()
+        vector = compute(embedder)
+        if self.rt.observe_query_embed is not None:
+            self.rt.observe_query_embed(time.perf_counter() - start)
+        return vector
+
+    def find(
+        self,
+        project: int,
+        query: SimilarQuery,
+        k: int | None = None,
+        task: dict | None = None,
+        source: str = "api",
+    ) -> list[Hit]:
+        start = time.perf_counter()
+        try:
+            return self._find(project, query, k, task)
+        finally:
+            if self.rt.observe_search is not None:
+                self.rt.observe_search(source, time.perf_counter() - start)
+
+    def _find(
+        self, project: int, query: SimilarQuery, k: int | None, task: dict | None
+    ) -> list[Hit]:
+        exclude = self.rt.state(project).labeled.ids()
+        if query.task_id is not None:
+            exclude.add(query.task_id)
+        vector = normalise(self.query_vector(project, query, task))
+        collection = self.indexes.get(project)
+        if vector.shape[0] != collection.dim:
+            raise ConflictError(
+                f"query vector has {vector.shape[0]} dimensions, the index {collection.dim}"
+            )
+        return collection.search(vector, k or self.rt.settings.similar_k, exclude)
+
+    def find_and_queue(
+        self,
+        project: int,
+        query: SimilarQuery,
+        k: int | None = None,
+        task: dict | None = None,
+        source: str = "api",
+    ) -> tuple[list[Hit], QueueResult]:
+        hits = self.find(project, query, k, task, source)
+        return hits, queue_matches(self.rt, project, hits, query.title())
+
+
+def _covers_whole_image(box: tuple[float, float, float, float]) -> bool:
+    x, y, w, h = box
+    return x <= 1 and y <= 1 and x + w >= 99 and y + h >= 99

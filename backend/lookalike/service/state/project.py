@@ -1,0 +1,149 @@
+"""One project's state in Redis, composed of one small structure per concern.
+
+Redis is the only thing workers and web processes share (besides Label Studio), so workers can
+run on other machines with no shared volume. The operations here are the ones that span several
+structures and must happen in one transaction (storing a batch, removing tasks, a reset).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import redis
+
+from lookalike.service.state.base import KEY_PREFIX, as_ids, project_of_key
+from lookalike.service.state.failures import Failures
+from lookalike.service.state.locks import ProjectLocks
+from lookalike.service.state.meta import ProjectMeta
+from lookalike.service.state.queueing import LabelStats, Priorities, Views
+from lookalike.service.state.tasks import IndexMarks, TaskSet
+from lookalike.service.state.vectors import VectorLog
+
+
+class ProjectState:
+    def __init__(self, connection: redis.Redis, project: int) -> None:
+        self.redis = connection
+        self.project = int(project)
+        self.meta = ProjectMeta(connection, project)
+        self.tasks = TaskSet(connection, project, "tasks")  # every task Label Studio has
+        self.labeled = TaskSet(connection, project, "labeled")  # tasks with annotations
+        self.vectors = VectorLog(connection, project)
+        self.failures = Failures(connection, project)
+        self.index_marks = IndexMarks(connection, project)
+        self.priorities = Priorities(connection, project)
+        self.views = Views(connection, project)
+        self.labels = LabelStats(connection, project)
+        self.locks = ProjectLocks(connection, project)
+
+    # ------------------------------------------------------------------ tasks
+    def replace_tasks(self, task_ids: Iterable[int], labeled: Iterable[int]) -> None:
+        """Replace the known task sets with a fresh listing (a resync)."""
+        pipe = self.redis.pipeline()
+        self.tasks.replace(task_ids, pipe)
+        self.labeled.replace(labeled, pipe)
+        pipe.execute()
+
+    def mark_labeled(self, task_ids: Iterable[int]) -> None:
+        """Labeled tasks leave every search, and their priority goes with them."""
+        ids = as_ids(task_ids)
+        if ids:
+            pipe = self.redis.pipeline(transaction=True)
+            self.labeled.add(ids, pipe)
+            self.priorities.forget_scores(ids, pipe)
+            pipe.execute()
+
+    # ------------------------------------------------------------------ vectors
+    def put_vectors(
+        self, ids: Iterable[int], vectors: np.ndarray, only_known: bool = False
+    ) -> None:
+        """Store vectors by task id (overwriting), in one transaction with a change entry.
+
+        `only_known` drops ids no longer in the task set (deleted while being embedded)."""
+        ids = as_ids(ids)
+        if only_known and ids:
+            keep = [n for n, present in enumerate(self.tasks.contains_many(ids)) if present]
+            ids, vectors = [ids[n] for n in keep], np.asarray(vectors)[keep]
+        if not ids:
+            return
+        pipe = self.redis.pipeline(transaction=True)
+        self.vectors.put(ids, vectors, pipe)
+        self.failures.clear(ids, pipe)
+        pipe.execute()
+
+    def remove_tasks(self, task_ids: Iterable[int]) -> None:
+        """Tasks deleted in Label Studio: their vectors, failures and priorities go too."""
+        ids = as_ids(task_ids)
+        if not ids:
+            return
+        pipe = self.redis.pipeline(transaction=True)
+        self.vectors.remove(ids, pipe)
+        self.failures.clear(ids, pipe)
+        self.priorities.remove(ids, pipe)
+        self.tasks.remove(ids, pipe)
+        self.labeled.remove(ids, pipe)
+        self.index_marks.unmark(ids, pipe)
+        pipe.execute()
+
+    def reset(self) -> None:
+        """Forget every vector and the model (a reindex): readers start over."""
+        pipe = self.redis.pipeline(transaction=True)
+        self.vectors.reset(pipe)
+        self.failures.delete(pipe)
+        self.meta.forget_model(pipeline=pipe)
+        pipe.execute()
+
+    def drop(self) -> None:
+        """The project was deleted in Label Studio: forget all of it."""
+        pipe = self.redis.pipeline(transaction=True)
+        for structure in (
+            self.meta,
+            self.tasks,
+            self.labeled,
+            self.failures,
+            self.index_marks,
+            self.priorities,
+            self.views,
+            self.labels,
+        ):
+            structure.delete(pipe)
+        pipe.delete(*self.locks.keys())
+        self.vectors.delete(pipe)  # leaves a `reset`: web processes drop their copy
+        pipe.execute()
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> dict[str, Any]:
+        pipe = self.redis.pipeline()
+        self.tasks.count(pipe)
+        self.vectors.count(pipe)
+        self.labeled.count(pipe)
+        total, indexed, labeled = (int(n) for n in pipe.execute())
+        failures = self.failures.all()
+        final = [f for f in failures if f.final]
+        meta = self.meta.get()
+        return {
+            "project": self.project,
+            "total": total,
+            "indexed": indexed,
+            "failed": len(final),
+            "pending": max(0, total - indexed - len(final)),
+            "retrying": len(failures) - len(final),
+            "labeled": labeled,
+            "model": meta.get("model"),
+            "error": meta.get("error"),
+            "last_sync": float(meta["last_sync"]) if "last_sync" in meta else None,
+            "failures": [
+                {"task_id": f.task_id, "reason": f.reason, "attempts": f.attempts, "final": f.final}
+                for f in failures
+            ],
+        }
+
+    def is_known(self) -> bool:
+        """Whether Lookalike has seen this project (it was connected, or a sync listed it)."""
+        return self.tasks.exists() or self.meta.exists()
+
+
+def known_projects(connection: redis.Redis) -> list[int]:
+    keys = connection.scan_iter(match=f"{KEY_PREFIX}:*:tasks", count=1000)
+    return sorted({project_of_key(key) for key in keys})

@@ -1,0 +1,96 @@
+"""What queueing remembers per project: priorities (and the predictions that carry them), the
+tabs it made, and the labels annotations carry (for automatic prioritization)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+import redis
+
+from lookalike.service.state.base import Pipeline, Structure, as_ids, project_key
+
+
+class Priorities(Structure):
+    """Task id -> the id of its one Lookalike prediction, and the score that prediction holds."""
+
+    name = "priority"
+
+    def __init__(self, connection: redis.Redis, project: int) -> None:
+        super().__init__(connection, project)
+        self._predictions = project_key(project, "predictions")
+        self._requests = project_key(project, "requests")
+
+    def next_request(self) -> int:
+        """Number the project's queueing requests 1, 2, 3, ...: later ones are served first."""
+        return int(self._redis.incr(self._requests))
+
+    def prediction_ids(self, task_ids: Iterable[int]) -> dict[int, int]:
+        return {i: int(v) for i, v in self._hmget(self._predictions, task_ids).items()}
+
+    def scores(self, task_ids: Iterable[int]) -> dict[int, float]:
+        return {i: float(v) for i, v in self._hmget(self._key, task_ids).items()}
+
+    def set(self, task_id: int, prediction_id: int, score: float) -> None:
+        """Recorded per task, so a failure halfway never leaves a duplicate prediction."""
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hset(self._predictions, str(int(task_id)), str(int(prediction_id)))
+        pipe.hset(self._key, str(int(task_id)), repr(float(score)))
+        pipe.execute()
+
+    def forget_scores(self, task_ids: Iterable[int], pipeline: Pipeline | None = None) -> None:
+        """Labeled tasks lose their priority (the prediction itself stays in Label Studio)."""
+        ids = as_ids(task_ids)
+        if ids:
+            self._conn(pipeline).hdel(self._key, *ids)
+
+    def remove(self, task_ids: Iterable[int], pipeline: Pipeline | None = None) -> None:
+        ids = as_ids(task_ids)
+        if ids:
+            conn = self._conn(pipeline)
+            conn.hdel(self._key, *ids)
+            conn.hdel(self._predictions, *ids)
+
+    def delete(self, pipeline: Pipeline | None = None) -> None:
+        self._conn(pipeline).delete(self._key, self._predictions, self._requests)
+
+    def _hmget(self, key: str, task_ids: Iterable[int]) -> dict[int, bytes]:
+        ids = as_ids(task_ids)
+        if not ids:
+            return {}
+        raw = self._redis.hmget(key, [str(i) for i in ids])
+        return {i: v for i, v in zip(ids, raw, strict=True) if v is not None}
+
+
+class Views(Structure):
+    """Tab title -> Data Manager view id, so asking again updates the same tab."""
+
+    name = "views"
+
+    def get(self, title: str) -> int | None:
+        value = self._redis.hget(self._key, title)
+        return int(value) if value else None
+
+    def set(self, title: str, view_id: int) -> None:
+        self._redis.hset(self._key, title, str(view_id))
+
+
+class LabelStats(Structure):
+    """Annotation id -> (task, labels): counts per label, for finding the rare ones."""
+
+    name = "annotation_labels"
+
+    def set(self, annotation_id: int, task_id: int, labels: list[str]) -> None:
+        value = json.dumps({"task": task_id, "labels": labels})
+        self._redis.hset(self._key, str(annotation_id), value)
+
+    def remove(self, annotation_id: int) -> None:
+        self._redis.hdel(self._key, str(annotation_id))
+
+    def counts(self) -> dict[str, int]:
+        """How many annotations carry each label (an annotation counts once per label)."""
+        counts: dict[str, int] = {}
+        for value in self._redis.hvals(self._key):
+            for label in set(json.loads(value)["labels"]):
+                counts[label] = counts.get(label, 0) + 1
+        return counts

@@ -48,6 +48,7 @@ ROUTES = Map([Rule(path, endpoint=endpoint) for path, endpoint in [
     ("/api/dm/views/", "views"), ("/api/dm/views/<int:vid>/", "view"),
     ("/api/predictions/", "predictions"), ("/api/predictions/<int:prid>/", "prediction"),
     ("/api/ml/", "ml"), ("/api/token/refresh/", "refresh"),
+    ("/api/annotations/<int:aid>/", "annotation"), ("/api/dm/columns/", "columns"),
     ("/data/upload/<int:pid>/<name>", "file"), ("/storage-data/uploaded/", "storage_proxy"),
 ]])  # fmt: skip
 
@@ -322,6 +323,20 @@ class FakeLabelStudio:
         prediction = self._get(self.predictions_by_id, prid, "Prediction")
         prediction.update(body, updated_at=_now())
         return prediction
+
+    def _h_columns(self, request: Request, body: Json) -> Json:
+        """The recorded columns, with the project's image field as its one data column."""
+        self._get(self.projects, request.args.get("project", 0, type=int), "Project")
+        return self._body("dm_columns")
+
+    def _h_annotation(self, request: Request, body: Json, aid: int) -> Json:
+        """GET or PATCH (e.g. {"result": [...]}) one annotation, stored in its task."""
+        found = [a for t in self.tasks.values() for a in t["annotations"] if a["id"] == aid]
+        if not found:
+            raise Fail(404, "No Annotation matches the given query.")
+        if request.method == "PATCH":
+            found[0].update(body, updated_at=_now())
+        return copy.deepcopy(found[0])
 
     def _h_ml(self, request: Request, body: Json) -> Json:
         return [m for m in self.ml if m["project"] == request.args.get("project", type=int)]

@@ -215,6 +215,7 @@ def record(ls: LabelStudioServer, out: Path, ml_url: str) -> None:
         json_body={"project": project, "data": data},
     )
     rec.call("views_list", "GET", "/api/dm/views/", params={"project": project})
+    rec.call("dm_columns", "GET", "/api/dm/columns/", params={"project": project})
 
     # ML backends and model versions
     rec.call("ml_backends", "GET", "/api/ml/", params={"project": project})

@@ -274,3 +274,11 @@ def test_weights_from_settings_load(lite0_weights, tmp_path: Path, photos):
     embedder = embedder_from_settings(settings)
     assert embedder.batch_size == 3
     assert embedder.embed_images([Image.new("RGB", (50, 40), (10, 20, 30))]).shape == (1, 1280)
+
+
+@pytest.mark.parametrize(
+    ("spec", "text"),
+    [("open_clip:ViT-B-32/laion2b_s34b_b79k", True), ("timm:efficientnet_lite0", False)],
+)
+def test_a_spec_tells_whether_the_model_can_search_by_text(spec: str, text: bool) -> None:
+    assert ModelSpec.parse(spec).has_text_tower is text

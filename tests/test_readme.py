@@ -35,3 +35,18 @@ def test_every_cli_command_the_readme_shows_exists() -> None:
     subcommands = set(build_parser()._subparsers._group_actions[0].choices)
     shown = set(re.findall(r"^\s*lookalike ([a-z]+)", README, flags=re.MULTILINE))
     assert shown and shown <= subcommands, shown - subcommands
+
+
+def test_the_merge_guide_shows_plugin_configs_own_controls_verbatim() -> None:
+    """The snippet users paste into their own config is exactly what plugin_config.xml holds."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Adding Find similar to your own labeling config", 1)[1]
+    snippet = section.split("```xml\n", 1)[1].split("```", 1)[0]
+    config = " ".join((ROOT / "plugin_config.xml").read_text().split())
+    for line in snippet.strip().split("/>"):
+        if line.strip():
+            assert " ".join(line.split()) in config, line
+    steps = readme.split("### Find similar, for annotators", 1)[1].split("\n### ", 1)[0]
+    for word in ("Auto-Annotation", "**M**", "double-click", "Find similar by text"):
+        assert word in steps  # what tests/test_e2e_editor.py does, in the same words
+    assert "Lookalike says" in config and "Find similar by text" in config

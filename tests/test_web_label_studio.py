@@ -187,7 +187,8 @@ def test_a_box_on_a_task_without_an_image_says_why(world: World) -> None:
             "x": 0, "y": 0, "width": 50, "height": 50, "rectanglelabels": ["Find similar"]}}]}},
     }  # fmt: skip
     [result] = world.client.post("/predict", json=body).json["results"]
-    assert "could not search: task 999 image: no_image" in result["result"][0]["value"]["text"][0]
+    said = result["result"][0]["value"]["text"][0]
+    assert said == "Lookalike could not read this task's image; ask your admin."
 
 
 # ------------------------------------------------------------------ queue order (REST)
@@ -239,7 +240,9 @@ def test_queue_puts_exactly_the_given_results_in_a_tab(world: World) -> None:
 
 # ------------------------------------------------------------------ the search page's routes
 def test_projects_lists_label_studio_projects_with_index_status(world: World) -> None:
-    projects = world.client.get("/api/projects").json["projects"]
+    overview = world.client.get("/api/projects").json
+    assert overview["text_search"] is False  # EfficientNet cannot embed text: the page hides it
+    projects = overview["projects"]
     mine = next(p for p in projects if p["id"] == world.project)
     assert mine["connected"] and mine["status"]["indexed"] == 9 and mine["task_count"] == 9
     assert mine["url"] == f"{world.ls.url}/projects/{world.project}/data"
@@ -275,3 +278,90 @@ def test_label_studio_down_is_a_502_not_the_callers_fault(world: World) -> None:
             f"/api/projects/{world.project}/tasks/{world.task['camera']}/thumbnail"
         )
     assert thumb.status_code == 502 and world.ls.api_key not in thumb.get_data(as_text=True)
+
+
+# ------------------------------------------------------------------ query regions leave annotations
+def test_a_submitted_annotation_loses_lookalikes_regions_and_keeps_the_users(world: World) -> None:
+    task = world.task["coffee"]
+    [annotation] = world.ls.add_task(world.project, {"image": "x"}, annotations=1)["annotations"]
+    stored = next(a for a in world.ls.tasks[annotation["task"]]["annotations"])
+    box = {"x": 1, "y": 1, "width": 40, "height": 40, "rotation": 0}
+    stored["result"] = [
+        {"id": "q1", "from_name": "lookalike_box", "to_name": "image", "type": "rectangle",
+         "value": box},
+        {"id": "q1", "from_name": "label", "to_name": "image", "type": "rectanglelabels",
+         "value": {**box, "rectanglelabels": ["Car"]}},  # selected while the query was drawn
+        {"id": "s1", "from_name": "lookalike_status", "to_name": "image", "type": "textarea",
+         "value": {"text": ["9 similar unlabeled tasks queued"]}},
+        {"id": "u1", "from_name": "label", "to_name": "image", "type": "rectanglelabels",
+         "value": {**box, "x": 50, "rectanglelabels": ["Police car"]}},
+    ]  # fmt: skip
+    event = {
+        "action": "ANNOTATION_CREATED",
+        "project": {"id": world.project},
+        "task": {"id": task},
+        "annotation": {"id": annotation["id"], "task": task, "result": stored["result"]},
+    }
+    assert world.client.post("/webhook", json=event).status_code == 200
+    world.run_jobs()
+    assert [r["id"] for r in stored["result"]] == ["u1"]
+    patches = [c for c in world.ls.log if c.method == "PATCH" and "/annotations/" in c.path]
+    assert len(patches) == 1
+    # Label Studio then reports the update: clean now, so nothing more is patched.
+    event["action"], event["annotation"]["result"] = "ANNOTATION_UPDATED", stored["result"]
+    world.client.post("/webhook", json=event)
+    world.run_jobs()
+    assert len([c for c in world.ls.log if c.method == "PATCH" and "/annotations/" in c.path]) == 1
+
+
+def test_the_reply_lists_the_tasks_latest_queries_newest_first(world: World) -> None:
+    copy = world.task["rocket copy"]
+    first = box_query(world, copy)["result"][0]["value"]["text"]
+    text = {"from_name": "lookalike_text", "to_name": "image", "type": "textarea",
+            "value": {"text": ["a rocket at night"]}}  # fmt: skip
+    body = {
+        "tasks": [{"id": copy, "data": world.ls.tasks[copy]["data"]}],
+        "project": f"{world.project}.1",
+        "label_config": PLUGIN_CONFIG,
+        "params": {"context": {"result": [text]}},
+    }
+    [reply] = world.client.post("/predict", json=body).json["results"]
+    texts = reply["result"][0]["value"]["text"]
+    assert texts[0] == "Text search is not available for this project's model; ask your admin."
+    assert texts[1:] == first and len(texts) == 2
+
+
+def test_a_tab_shows_the_picture_the_id_and_the_score_only(world: World) -> None:
+    reply = world.client.post(
+        f"/api/projects/{world.project}/similar",
+        json={"task_id": world.task["chelsea"], "queue": True},
+    ).json
+    tab = world.tab(reply["tab"])
+    hidden = set(tab["hiddenColumns"]["explore"])
+    assert {"tasks:id", "tasks:data.image", "tasks:predictions_score"}.isdisjoint(hidden)
+    assert {"tasks:annotators", "tasks:created_at", "tasks:predictions_results"} <= hidden
+    assert tab["hiddenColumns"]["labeling"] == tab["hiddenColumns"]["explore"]
+    # The score column reads -R.SS: this project's first request, and the similarity.
+    best = reply["results"][0]
+    assert world.scores()[best["task_id"]] == pytest.approx(-(1 + best["score"]), abs=1e-5)
+
+
+def test_a_label_selected_while_drawing_the_query_is_called_out(world: World) -> None:
+    copy = world.task["chelsea copy"]
+    value = {"x": 0, "y": 0, "width": 100, "height": 100, "rotation": 0}
+    regions = [
+        {"id": "q", "from_name": "lookalike_box", "to_name": "image", "type": "rectangle",
+         "value": value},
+        {"id": "q", "from_name": "label", "to_name": "image", "type": "rectanglelabels",
+         "value": {**value, "rectanglelabels": ["Car"]}},
+    ]  # fmt: skip
+    body = {
+        "tasks": [{"id": copy, "data": world.ls.tasks[copy]["data"]}],
+        "project": f"{world.project}.1",
+        "label_config": PLUGIN_CONFIG,
+        "params": {"context": {"result": regions}},
+    }
+    [reply] = world.client.post("/predict", json=body).json["results"]
+    said = reply["result"][0]["value"]["text"][0]
+    assert said.startswith("3 similar unlabeled tasks queued in tab")
+    assert "not a 'Car' label: it is left out when you submit" in said

@@ -166,8 +166,8 @@ Ready.
   Index status   {backend_url}/api/projects/{project}/index-status
   Logs           {root}/*.log
 
-In Label Studio open a task, switch on Auto-Annotation (under the image), and draw a
-"Find similar" box or click "Find similar: whole image". Matches appear in a new tab and
+In Label Studio open a task, switch on Auto-Annotation (bottom bar), press M and drag a
+box (or double-click the image for the whole image). Matches appear in a new tab and
 "Label All Tasks" serves them next. Press Ctrl-C to stop everything.""",
             flush=True,
         )

@@ -64,6 +64,11 @@ class ModelSpec:
         return cls(family, name, pretrained)
 
     @property
+    def has_text_tower(self) -> bool:
+        """Whether the model can embed text queries (CLIP models can, timm models cannot)."""
+        return self.family == "open_clip"
+
+    @property
     def is_random(self) -> bool:
         return self.pretrained == RANDOM
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from lookalike.service.indexing import queue_index
+from lookalike.service.protocol import own_region_ids
 from lookalike.service.runtime import Runtime
 
 
@@ -44,7 +45,13 @@ def _annotation_saved(rt: Runtime, project: int, body: dict[str, Any]) -> int:
         return 0
     # Excluded from searches right away, not when the job gets its turn in the queue.
     rt.state(project).mark_labeled([int(task_id)])
-    minimal = {"id": annotation.get("id"), "result": annotation.get("result") or []}
+    result = annotation.get("result") or []
+    if own_region_ids(result) and annotation.get("id") is not None:
+        # Query regions are not labels: the clean-up job saves the annotation without them,
+        # and Label Studio's ANNOTATION_UPDATED for that brings us back here, clean.
+        rt.jobs.clean_annotation(project, int(annotation["id"]))
+        return 1
+    minimal = {"id": annotation.get("id"), "result": result}
     rt.jobs.auto_prioritize(project, int(task_id), minimal)
     return 1
 

@@ -24,6 +24,7 @@ INDEX = f"{_JOBS}.index_tasks"
 REMOVE = f"{_JOBS}.remove_tasks"
 PRIORITIZE = f"{_JOBS}.auto_prioritize"
 DROP = f"{_JOBS}.drop_project"
+CLEAN = f"{_JOBS}.clean_annotation"
 
 
 def _batch_retry() -> Retry:
@@ -94,3 +95,9 @@ class JobQueue:
 
     def drop(self, project: int) -> Job:
         return self.queue.enqueue(DROP, project)
+
+    def clean_annotation(self, project: int, annotation_id: int) -> Job:
+        """Take Lookalike's query regions out of a submitted annotation."""
+        return self.queue.enqueue(
+            CLEAN, project, annotation_id, retry=Retry(max=3, interval=[5, 30, 120])
+        )

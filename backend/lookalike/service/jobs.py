@@ -13,7 +13,7 @@ from typing import Any
 
 from rq import get_current_job
 
-from lookalike.service import autoprioritize, indexing
+from lookalike.service import autoprioritize, indexing, protocol
 from lookalike.service.runtime import Runtime
 from lookalike.service.similarity import SimilarityService
 from lookalike.timeouts import SYNC_TIMEOUT
@@ -90,3 +90,7 @@ def drop_project(project: int) -> None:
 
 def auto_prioritize(project: int, task_id: int, annotation: dict[str, Any]) -> dict[str, Any]:
     return autoprioritize.auto_prioritize(_similarity(), project, task_id, annotation)
+
+
+def clean_annotation(project: int, annotation_id: int) -> int:
+    return protocol.clean_annotation(_rt(), project, annotation_id)

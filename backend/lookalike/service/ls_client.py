@@ -207,9 +207,11 @@ class LabelStudioClient:
         task_ids: list[int],
         ordering: list[str],
         view_id: int | None,
+        visible: tuple[str, ...] = (),
     ) -> int:
-        """Create or update the Data Manager tab `title` showing exactly `task_ids`."""
-        data = {
+        """Create or update the Data Manager tab `title` showing exactly `task_ids`; with
+        `visible` (column ids such as "tasks:id"), every other column is hidden."""
+        data: dict[str, Any] = {
             "title": title,
             "filters": {
                 "conjunction": "or",
@@ -229,6 +231,9 @@ class LabelStudioClient:
             },
             "ordering": ordering,
         }
+        if visible:
+            hidden = [c for c in self.dm_columns(project_id) if c not in visible]
+            data["hiddenColumns"] = {"explore": hidden, "labeling": hidden}
         if view_id is not None:
             response = self._request(
                 "PATCH",
@@ -242,6 +247,15 @@ class LabelStudioClient:
             "POST", "/api/dm/views/", json={"project": project_id, "data": data}
         )
         return int(response.json()["id"])
+
+    def dm_columns(self, project_id: int) -> list[str]:
+        """The Data Manager's column ids for the project ("tasks:id", "tasks:data.image", ...)."""
+        body = self._request("GET", "/api/dm/columns/", params={"project": project_id}).json()
+        out = []
+        for column in body.get("columns", []):
+            parent = f"{column['parent']}." if column.get("parent") else ""
+            out.append(f"{column.get('target', 'tasks')}:{parent}{column['id']}")
+        return out
 
     # ----------------------------------------------------------------- predictions
     def put_prediction(
@@ -266,6 +280,13 @@ class LabelStudioClient:
         body = self._request("GET", f"/api/projects/{project_id}/model-versions/").json()
         # {"version": count}; the project's current version is listed even with count 0.
         return [str(version) for version, count in body.items() if count]
+
+    # ----------------------------------------------------------------- annotations
+    def annotation(self, annotation_id: int) -> dict[str, Any]:
+        return self._request("GET", f"/api/annotations/{annotation_id}/").json()
+
+    def update_annotation_result(self, annotation_id: int, result: list[dict[str, Any]]) -> None:
+        self._request("PATCH", f"/api/annotations/{annotation_id}/", json={"result": result})
 
     # ----------------------------------------------------------------- plumbing
     def _request(

@@ -12,8 +12,10 @@ from typing import Any
 
 from label_studio_sdk.label_interface import LabelInterface
 
+from lookalike.core.embedding import TextNotSupportedError
 from lookalike.core.query import QueryError
-from lookalike.errors import BadRequestError, LookalikeError
+from lookalike.errors import BadRequestError, ConflictError, LookalikeError, UpstreamError
+from lookalike.service.runtime import Runtime
 from lookalike.service.similarity import SimilarityService, SimilarQuery
 
 log = logging.getLogger(__name__)
@@ -57,39 +59,86 @@ def predict(service: SimilarityService, body: dict[str, Any]) -> dict[str, Any]:
         query = query_from_regions(int(task["id"]), regions)
         _, outcome = service.find_and_queue(project, query, task=task, source="interactive")
         message = outcome.message
-    except LookalikeError as exc:  # the annotator reads why, in the editor
-        message = f"Lookalike could not search: {exc}"
-        log.warning("project %s task %s: %s", project, task.get("id"), exc)
-    reply = status_prediction(body.get("label_config"), message, service.rt.settings.model_version)
-    return {"results": [reply]}
+    except LookalikeError as exc:  # the details go to the log; the annotator reads what to do
+        message = annotator_message(exc)
+        log.warning("project %s task %s: could not search: %s", project, task.get("id"), exc)
+    own = own_region_ids([r for r in regions if isinstance(r, dict)])
+    riding = annotation_labels({"result": [r for r in regions if str(r.get("id")) in own]})
+    if riding:  # one of the user's labels was selected while the query box was drawn
+        labels = ", ".join(dict.fromkeys(riding))
+        message += f" (the box is a query, not a '{labels}' label: it is left out when you submit)"
+    replies = service.rt.state(project).replies.add(int(task["id"]), message)
+    model_version = service.rt.settings.model_version
+    return {"results": [status_prediction(body.get("label_config"), replies, model_version)]}
+
+
+def annotator_message(exc: LookalikeError) -> str:
+    """What an annotator can act on; the admin-facing details stay in the log and status."""
+    if isinstance(exc, TextNotSupportedError):
+        return "Text search is not available for this project's model; ask your admin."
+    if isinstance(exc, QueryError):
+        return str(exc)  # how to draw or type a query
+    if isinstance(exc, ConflictError):
+        return (
+            "This project is not searchable yet (still indexing, or being reindexed); "
+            "try again in a minute or ask your admin."
+        )
+    if isinstance(exc, UpstreamError):
+        return "Lookalike could not read this task's image; ask your admin."
+    return "Lookalike could not search right now; ask your admin."
 
 
 def query_from_regions(task_id: int, regions: list[dict[str, Any]]) -> SimilarQuery:
-    """The last smart region the annotator made decides the query."""
+    """The query the annotator just made: the last region of Lookalike's own tools.
+
+    Label Studio sends the new region together with earlier ones of the same tool (and, when
+    one of the user's labels was selected while drawing, that label's result under the same
+    region id); only Lookalike's controls count, when the sender names them."""
     for region in reversed(regions):
         if not isinstance(region, dict):
+            continue
+        name = str(region.get("from_name") or OWN_CONTROL_PREFIX)
+        if not name.startswith(OWN_CONTROL_PREFIX) or name == STATUS_CONTROL:
             continue
         kind = str(region.get("type", "")).lower()
         value = region.get("value") or {}
         if kind == "textarea":
-            texts = value.get("text") or []
-            text = " ".join(t for t in texts if isinstance(t, str)).strip()
-            if text:
-                return SimilarQuery(task_id=task_id, text=text)
+            texts = [t.strip() for t in value.get("text") or [] if isinstance(t, str)]
+            texts = [t for t in texts if t]
+            if texts:
+                return SimilarQuery(task_id=task_id, text=texts[-1])  # the latest prompt
         elif kind in {"rectanglelabels", "rectangle"}:
             try:
                 box = tuple(float(value.get(k, 0)) for k in ("x", "y", "width", "height"))
             except (TypeError, ValueError) as exc:
                 raise QueryError("the box's x, y, width and height must be numbers") from exc
+            if _is_double_click(region, box):  # type: ignore[arg-type]
+                return SimilarQuery(task_id=task_id)
             return SimilarQuery(task_id=task_id, box=box)  # type: ignore[arg-type]
         elif kind in {"keypointlabels", "keypoint", "choices"}:
             return SimilarQuery(task_id=task_id)
-    raise QueryError("draw a box, click a point or type a prompt to search")
+    raise QueryError("Press M and drag a box, double-click the image, or type a prompt.")
 
 
-def status_prediction(label_config: str | None, message: str, model_version: str) -> dict:
-    """One prediction whose only region writes `message` into the status TextArea, if the
-    labeling config has one (else the message rides along for API callers)."""
+# Label Studio's double-click makes a box of 30 x 30 screen pixels: square in image pixels
+# and small. A box drawn by hand is never square to a pixel's fraction.
+DOUBLE_CLICK_MAX_PERCENT = 12.0
+
+
+def _is_double_click(region: dict[str, Any], box: tuple[float, float, float, float]) -> bool:
+    width_px, height_px = region.get("original_width"), region.get("original_height")
+    if not isinstance(width_px, int | float) or not isinstance(height_px, int | float):
+        return False
+    _, _, width, height = box
+    if not (0 < width <= DOUBLE_CLICK_MAX_PERCENT and 0 < height <= DOUBLE_CLICK_MAX_PERCENT):
+        return False
+    side_w, side_h = width * width_px / 100, height * height_px / 100
+    return abs(side_w - side_h) <= 0.01 * max(side_w, side_h)
+
+
+def status_prediction(label_config: str | None, replies: list[str], model_version: str) -> dict:
+    """One prediction whose only region lists the task's latest replies (newest first) in the
+    status TextArea, if the labeling config has one (the newest rides along as `message`)."""
     result = []
     to_name = _status_target(label_config) if label_config else None
     if to_name:
@@ -98,10 +147,10 @@ def status_prediction(label_config: str | None, message: str, model_version: str
                 "from_name": STATUS_CONTROL,
                 "to_name": to_name,
                 "type": "textarea",
-                "value": {"text": [message]},
+                "value": {"text": replies},
             }
         )
-    return {"result": result, "score": 0.0, "model_version": model_version, "message": message}
+    return {"result": result, "score": 0.0, "model_version": model_version, "message": replies[0]}
 
 
 def _status_target(label_config: str) -> str | None:
@@ -123,3 +172,36 @@ def annotation_labels(annotation: dict[str, Any]) -> list[str]:
             if (name.endswith("labels") or name == "choices") and isinstance(content, list):
                 labels.extend(str(v) for v in content)
     return labels
+
+
+# ---------------------------------------------------------------------------- clean-up
+def own_region_ids(result: list[dict[str, Any]]) -> set[str]:
+    """Ids of the regions drawn with Lookalike's tools (and its reply), in an annotation."""
+    return {
+        str(item.get("id"))
+        for item in result
+        if isinstance(item, dict) and str(item.get("from_name", "")).startswith(OWN_CONTROL_PREFIX)
+    }
+
+
+def without_own_regions(result: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The annotation's result minus Lookalike's regions, including a user's label that was
+    selected while a query box was drawn (it rides on the query's region id)."""
+    own = own_region_ids(result)
+    return [item for item in result if isinstance(item, dict) and str(item.get("id")) not in own]
+
+
+def clean_annotation(rt: Runtime, project: int, annotation_id: int) -> int:
+    """Save the annotation without Lookalike's regions; returns how many results went."""
+    annotation = rt.ls.annotation(annotation_id)  # fresh: it may have changed since the event
+    result = annotation.get("result") or []
+    kept = without_own_regions(result)
+    if len(kept) != len(result):
+        rt.ls.update_annotation_result(annotation_id, kept)
+        log.info(
+            "project %s annotation %s: removed %d query results",
+            project,
+            annotation_id,
+            len(result) - len(kept),
+        )
+    return len(result) - len(kept)

@@ -6,9 +6,10 @@ both by the Data Manager's "prediction score" ordering and by "Uncertainty sampl
 serves the LOWEST score first. So each matched task gets one Lookalike prediction (empty result)
 whose score encodes *which request matched it last* and *how well*:
 
-    score = -request + (1 - similarity) * RANK_SPAN       (request = 1, 2, 3, ... per project)
+    score = -(request + similarity)     (request = 1, 2, 3, ... per project; similarity in [0, 1))
 
-Every request has its own band, below all earlier ones: "Label All Tasks" serves the latest
+so the Data Manager's "Prediction score" column reads -R.SS: request R, similarity 0.SS. Every
+request has its own band (-(R + 1), -R], below all earlier ones: "Label All Tasks" serves the latest
 request's matches first, best first; then the request before it, and so on; tasks nobody matched
 come last. A task matched again is served with its most recent request. Each request's tab holds
 exactly its matches, sorted by that score: the newest tab is in its own similarity order, and in
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 
 from lookalike.config import Settings
 from lookalike.core.store import Hit
+from lookalike.service.indexing import image_key
 from lookalike.service.ls_client import LabelStudioClient, LabelStudioError
 from lookalike.service.runtime import Runtime
 from lookalike.service.state import ProjectState
@@ -34,8 +36,11 @@ from lookalike.service.state import ProjectState
 log = logging.getLogger(__name__)
 
 UNCERTAINTY = "Uncertainty sampling"
-# (1 - similarity) is in [0, 2]; scaled into [0, 0.999] so two requests' bands never overlap.
-RANK_SPAN = 0.4995
+# A request's band is [0, 1) wide: similarities up to MAX_SIMILARITY show as themselves;
+# negative ones (rare for real models, common for random weights) keep their order squeezed
+# into [0, NEGATIVE_SPAN), so that no two matches tie.
+MAX_SIMILARITY = 0.9999
+NEGATIVE_SPAN = 1e-4
 BY_SCORE = ["tasks:predictions_score"]
 BY_ID = ["tasks:id"]
 
@@ -51,8 +56,10 @@ class QueueResult:
 
 def priority_score(request: int, similarity: float) -> float:
     """The prediction score that puts a match of `request` (1, 2, ...) in its place."""
-    similarity = min(1.0, max(-1.0, float(similarity)))
-    return round(-float(request) + (1.0 - similarity) * RANK_SPAN, 6)
+    similarity = min(MAX_SIMILARITY, max(-1.0, float(similarity)))
+    if similarity < NEGATIVE_SPAN:
+        similarity = NEGATIVE_SPAN * (similarity + 1.0) / (1.0 + NEGATIVE_SPAN)
+    return round(-(float(request) + similarity), 9)
 
 
 def rare_labels(counts: dict[str, int], share: float) -> set[str]:
@@ -128,7 +135,10 @@ def queue_matches(rt: Runtime, project: int, hits: list[Hit], title: str) -> Que
         except LabelStudioError as exc:
             note = f"could not set priority: {exc}"
     ordering = BY_SCORE if ranked else BY_ID
-    view_id = ls.upsert_view(project, title, task_ids, ordering, state.views.get(title))
+    # The pictures first: an annotator needs the image, the task id and (ranked) the score.
+    visible = ("tasks:id", f"tasks:data.{image_key(rt, state)}")
+    visible += ("tasks:predictions_score",) if ranked else ()
+    view_id = ls.upsert_view(project, title, task_ids, ordering, state.views.get(title), visible)
     state.views.set(title, view_id)
     message = f"{len(task_ids)} similar unlabeled tasks queued in tab '{title}'"
     message += f"; {note}" if note else ("; 'Label All Tasks' serves them next" if hits else "")

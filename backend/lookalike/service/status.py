@@ -10,6 +10,7 @@ from typing import Any
 from rq.job import Job
 from rq.worker import Worker
 
+from lookalike.core.embedding import ModelSpec
 from lookalike.errors import LookalikeError
 from lookalike.service.runtime import Runtime
 from lookalike.service.state import known_projects
@@ -105,6 +106,7 @@ class ProjectList:
             "label_studio_url": settings.public_label_studio_url,
             "similar_k": settings.similar_k,
             "model": settings.model,
+            "text_search": _text_search(settings.model),
             "error": error,
         }
 
@@ -131,3 +133,10 @@ class ProjectList:
         with self._lock:
             self._value = (time.monotonic(), projects)
         return projects
+
+
+def _text_search(model: str) -> bool:
+    try:
+        return ModelSpec.parse(model).has_text_tower
+    except LookalikeError:
+        return False

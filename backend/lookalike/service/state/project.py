@@ -18,6 +18,7 @@ from lookalike.service.state.failures import Failures
 from lookalike.service.state.locks import ProjectLocks
 from lookalike.service.state.meta import ProjectMeta
 from lookalike.service.state.queueing import LabelStats, Priorities, Views
+from lookalike.service.state.replies import Replies
 from lookalike.service.state.tasks import IndexMarks, TaskSet
 from lookalike.service.state.vectors import VectorLog
 
@@ -36,6 +37,7 @@ class ProjectState:
         self.views = Views(connection, project)
         self.labels = LabelStats(connection, project)
         self.locks = ProjectLocks(connection, project)
+        self.replies = Replies(connection, project)
 
     # ------------------------------------------------------------------ tasks
     def replace_tasks(self, task_ids: Iterable[int], labeled: Iterable[int]) -> None:
@@ -106,6 +108,7 @@ class ProjectState:
             self.priorities,
             self.views,
             self.labels,
+            self.replies,
         ):
             structure.delete(pipe)
         pipe.delete(*self.locks.keys())

@@ -130,6 +130,8 @@
     state.projects = data.projects;
     state.labelStudioUrl = data.label_studio_url;
     els.model.textContent = data.model ? `model: ${data.model}` : "";
+    // Image-only models cannot search by text: no text box to try it with.
+    els.text.closest(".row").hidden = data.text_search === false;
     if (!state.kInitialised && data.similar_k) {
       els.k.value = data.similar_k;
       state.kInitialised = true;

@@ -253,6 +253,13 @@ def test_search_page_searches_queues_and_shows_progress(
     results = _wait_results(driver, f"Similar to #{copy}")
     assert results[0]["task_id"] == query, results
 
+    # "Not this" on the top result: the same query again, refined; that task is gone.
+    driver.find_element(By.CSS_SELECTOR, "#results .result button.not-this").click()
+    refined = _wait_results(driver, f"Similar to #{copy} (refined)")
+    assert query not in [r["task_id"] for r in refined] and copy not in [
+        r["task_id"] for r in refined
+    ]
+
     # Back to the original query; select its three best results and queue them.
     task_field.clear()
     task_field.send_keys(str(query))

@@ -135,6 +135,24 @@ def test_similar_by_task_finds_the_near_copy_and_skips_labeled_and_itself(
     assert scores == sorted(scores, reverse=True)
 
 
+def test_not_this_examples_move_the_query_and_are_never_results(
+    client: FlaskClient, indexed: np.ndarray
+) -> None:
+    url = f"/api/projects/{PROJECT}/similar"
+    plain = [r["task_id"] for r in client.post(url, json={"task_id": 1, "k": 10}).json["results"]]
+    reply = client.post(url, json={"task_id": 1, "not_task_ids": [plain[0]], "k": 10}).json
+    refined = [r["task_id"] for r in reply["results"]]
+    assert plain[0] not in refined and 1 not in refined and set(refined) < set(plain)
+    # "More like these": the mean of the examples is the query; the examples are excluded.
+    both = client.post(url, json={"task_ids": [3, 4], "k": 10}).json["results"]
+    expected = unit((indexed[2] + indexed[3])[None])[0]
+    assert {r["task_id"] for r in both} == {1, 2, 5}
+    best = max(both, key=lambda r: r["score"])
+    assert best["score"] == pytest.approx(
+        max(float(expected @ indexed[i - 1]) for i in (1, 2, 5)), abs=1e-5
+    )
+
+
 def test_similar_uses_the_default_k(client: FlaskClient, indexed: np.ndarray) -> None:
     reply = client.post(f"/api/projects/{PROJECT}/similar", json={"task_id": 1})
     assert len(reply.json["results"]) == 3  # LOOKALIKE_SIMILAR_K in this runtime
@@ -149,6 +167,10 @@ def test_similar_uses_the_default_k(client: FlaskClient, indexed: np.ndarray) ->
         ({"task_id": 1, "k": "5"}, 400, "k must be"),
         ({"url": "/etc/passwd"}, 400, "http(s)"),
         ({"image": "%%%"}, 400, "base64"),
+        ({"task_id": 1, "task_ids": [2]}, 400, "exactly one"),
+        ({"task_ids": "2"}, 400, "task_ids must be a list"),
+        ({"task_id": 1, "not_task_ids": [True]}, 400, "not_task_ids must be a list"),
+        ({"task_id": 1, "not_task_ids": [99]}, 400, "not indexed: [99]"),
     ],
 )
 def test_similar_refuses_bad_bodies_with_json(

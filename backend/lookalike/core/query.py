@@ -89,6 +89,37 @@ def normalise(vector: np.ndarray) -> np.ndarray:
     return vector / norm
 
 
+# Rocchio's relevance feedback (Manning et al., "Introduction to Information Retrieval", 9.1.1):
+# the query moves towards the examples marked relevant and away from those marked "not this".
+ROCCHIO_ALPHA, ROCCHIO_BETA, ROCCHIO_GAMMA = 1.0, 0.75, 0.25
+
+
+def feedback_vector(
+    query: np.ndarray | None, positives: np.ndarray, negatives: np.ndarray
+) -> np.ndarray:
+    """alpha*q + beta*mean(positives) - gamma*mean(negatives), unit length.
+
+    Without a query vector, the positives' mean is the query (alpha and beta both apply to it:
+    "more like these" has no other anchor)."""
+    parts = []
+    if query is not None:
+        parts.append(ROCCHIO_ALPHA * normalise(query))
+    if len(positives):
+        weight = ROCCHIO_BETA if query is not None else ROCCHIO_ALPHA
+        parts.append(weight * normalise(np.mean(_unit_rows(positives), axis=0)))
+    if not parts:
+        raise QueryError("relevance feedback needs a query or at least one positive example")
+    vector = np.sum(parts, axis=0)
+    if len(negatives):
+        vector = vector - ROCCHIO_GAMMA * normalise(np.mean(_unit_rows(negatives), axis=0))
+    return normalise(vector)
+
+
+def _unit_rows(vectors: np.ndarray) -> np.ndarray:
+    rows = np.asarray(vectors, dtype=np.float32).reshape(len(vectors), -1)
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+
+
 @dataclass
 class SearchOptions:
     k: int = 20

@@ -19,7 +19,13 @@ from PIL import Image
 
 from lookalike.core.embedding import Embedder
 from lookalike.core.images import ImageLoadError, decode_image
-from lookalike.core.query import QueryError, image_query_vector, normalise, text_query_vector
+from lookalike.core.query import (
+    QueryError,
+    feedback_vector,
+    image_query_vector,
+    normalise,
+    text_query_vector,
+)
 from lookalike.core.store import Collection, Hit
 from lookalike.errors import ConflictError, NotFoundError
 from lookalike.service.indexing import image_key
@@ -33,19 +39,25 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SimilarQuery:
-    """What to search by: exactly one of task_id / text / image / url (box with task or image)."""
+    """What to search by: exactly one of task_id / text / image / url / task_ids (box with task
+    or image), optionally refined by examples marked "not this" (`not_like`)."""
 
     task_id: int | None = None
     text: str | None = None
     image: bytes | None = None
     url: str | None = None
     box: tuple[float, float, float, float] | None = None  # x, y, w, h in percent
+    more_like: tuple[int, ...] = ()  # positive examples (task ids)
+    not_like: tuple[int, ...] = ()  # negative examples (task ids)
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> SimilarQuery:
-        given = [k for k in ("task_id", "text", "image", "url") if body.get(k) not in (None, "")]
+        kinds = ("task_id", "text", "image", "url", "task_ids")
+        given = [k for k in kinds if body.get(k) not in (None, "", [])]
         if len(given) != 1:
-            raise QueryError("give exactly one of task_id, text, image (base64) or url")
+            raise QueryError("give exactly one of task_id, task_ids, text, image (base64) or url")
+        more_like = _task_ids(body.get("task_ids"), "task_ids")
+        not_like = _task_ids(body.get("not_task_ids"), "not_task_ids")
         image = None
         if body.get("image"):
             raw = str(body["image"])
@@ -79,9 +91,16 @@ class SimilarQuery:
             image=image,
             url=body.get("url"),
             box=box,  # type: ignore[arg-type]
+            more_like=more_like,
+            not_like=not_like,
         )
 
     def title(self) -> str:
+        return self._title() + (" (refined)" if self.not_like else "")
+
+    def _title(self) -> str:
+        if self.more_like:
+            return "Similar to " + ", ".join(f"#{t}" for t in self.more_like[:5])
         if self.text:
             return f"Text: {self.text.strip()[:60]}"
         if self.task_id is not None:
@@ -89,6 +108,21 @@ class SimilarQuery:
         if self.url:
             return f"Similar to {self.url.rsplit('/', 1)[-1][:40]}"
         return "Similar to uploaded image"
+
+
+MAX_EXAMPLES = 100
+
+
+def _task_ids(value: Any, name: str) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_EXAMPLES
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        raise QueryError(f"{name} must be a list of at most {MAX_EXAMPLES} task ids")
+    return tuple(dict.fromkeys(value))
 
 
 class SimilarityService:
@@ -187,13 +221,29 @@ class SimilarityService:
         exclude = self.rt.state(project).labeled.ids()
         if query.task_id is not None:
             exclude.add(query.task_id)
-        vector = normalise(self.query_vector(project, query, task))
+        exclude.update(query.more_like, query.not_like)  # the examples are not results
         collection = self.indexes.get(project)
+        base = None if query.more_like else self.query_vector(project, query, task)
+        if query.more_like or query.not_like:
+            vector = feedback_vector(
+                base,
+                self._examples(collection, query.more_like),
+                self._examples(collection, query.not_like),
+            )
+        else:
+            vector = normalise(base)
         if vector.shape[0] != collection.dim:
             raise ConflictError(
                 f"query vector has {vector.shape[0]} dimensions, the index {collection.dim}"
             )
         return collection.search(vector, k or self.rt.settings.similar_k, exclude)
+
+    @staticmethod
+    def _examples(collection: Collection, task_ids: tuple[int, ...]) -> np.ndarray:
+        missing = [t for t in task_ids if t not in collection]
+        if missing:
+            raise QueryError(f"example tasks not indexed: {missing[:10]}")
+        return collection.get_many(list(task_ids))
 
     def find_and_queue(
         self,

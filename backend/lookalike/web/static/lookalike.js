@@ -229,6 +229,15 @@
     }
   }
 
+  // "Not this": the same query again, with this result as a negative example (Rocchio).
+  function refine(taskId) {
+    const query = state.query;
+    if (!query) return;
+    const notLike = [...(query.body.not_task_ids || []), taskId];
+    search({ ...query, title: query.title.replace(/ \(refined\)$/, "") + " (refined)",
+             body: { ...query.body, not_task_ids: notLike } });
+  }
+
   function searchTask(taskId) {
     const id = parseInt(taskId, 10);
     if (!Number.isInteger(id) || id < 1) {
@@ -284,7 +293,10 @@
            el("span", { class: "score", text: r.score.toFixed(3) }),
            el("span", { class: "task", text: `#${r.task_id}` }),
            el("a", { class: "open", href: taskUrl(project, r.task_id), target: "_blank",
-                     rel: "noopener", title: "Open in Label Studio", text: "open ↗" })));
+                     rel: "noopener", title: "Open in Label Studio", text: "open ↗" }),
+           el("button", { class: "not-this", type: "button", text: "not this",
+                          title: "Search again, away from tasks like this one",
+                          onclick: () => refine(r.task_id) })));
       checkbox.addEventListener("change", () => {
         if (checkbox.checked) state.selected.add(r.task_id);
         else state.selected.delete(r.task_id);

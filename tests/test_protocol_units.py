@@ -9,16 +9,14 @@ import pytest
 from lookalike.core.embedding import TextNotSupportedError
 from lookalike.core.query import QueryError
 from lookalike.errors import BadRequestError, ConflictError, LookalikeError
+from lookalike.service.annotations import annotation_labels, own_region_ids, without_own_regions
 from lookalike.service.ls_client import TaskImageError
 from lookalike.service.protocol import (
     STATUS_CONTROL,
-    annotation_labels,
     annotator_message,
-    own_region_ids,
     parse_project_id,
     query_from_regions,
     status_prediction,
-    without_own_regions,
 )
 from lookalike.service.queueing import priority_score, rare_labels
 from lookalike.service.similarity import SimilarQuery

@@ -60,6 +60,8 @@ class Settings:
     auto_prioritize: bool = field(default=True, metadata={"env": "LOOKALIKE_AUTO_PRIORITIZE"})
     auto_k: int = field(default=10, metadata={"env": "LOOKALIKE_AUTO_K"})
     rare_share: float = field(default=0.2, metadata={"env": "LOOKALIKE_RARE_SHARE"})
+    suggestions: bool = field(default=True, metadata={"env": "LOOKALIKE_SUGGESTIONS"})
+    suggest_k: int = field(default=10, metadata={"env": "LOOKALIKE_SUGGEST_K"})
     model_version: str = field(default="lookalike", metadata={"env": "LOOKALIKE_MODEL_VERSION"})
 
     @classmethod

@@ -31,8 +31,11 @@ def similar(service: SimilarityService, project: int, body: dict[str, Any]) -> d
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
         raise BadRequestError(f"k must be an integer from 1 to {MAX_K}")
     extra: dict[str, Any] = {}
+    suggest = _suggested_label(body)
+    if suggest is not None and not body.get("queue"):
+        raise BadRequestError("suggest goes with queue: true (the matches get the label)")
     if body.get("queue"):
-        hits, outcome = service.find_and_queue(project, query, k)
+        hits, outcome = service.find_and_queue(project, query, k, suggest=suggest)
         extra = {
             "view_id": outcome.view_id,
             "tab": outcome.title,
@@ -73,7 +76,8 @@ def queue_results(service: SimilarityService, project: int, body: dict[str, Any]
             f"tasks not in project {project}: {', '.join(map(str, unknown[:10]))}"
         )
     ordered = sorted(hits.values(), key=lambda h: -h.score)
-    outcome = queue_matches(service.rt, project, ordered, title.strip())
+    suggest = _suggested_label(body)
+    outcome = queue_matches(service.rt, project, ordered, title.strip(), suggest)
     public = service.rt.settings.public_label_studio_url
     return {
         "message": outcome.message,
@@ -83,6 +87,17 @@ def queue_results(service: SimilarityService, project: int, body: dict[str, Any]
         "task_ids": outcome.task_ids,
         "url": f"{public}/projects/{project}/data?tab={outcome.view_id}",
     }
+
+
+def _suggested_label(body: dict[str, Any]) -> str | None:
+    """`suggest`: a label of the project's Choices that the queued matches get as a prediction
+    (accept it with Label Studio's "Create Annotations From Predictions")."""
+    label = body.get("suggest")
+    if label is None:
+        return None
+    if not isinstance(label, str) or not label.strip():
+        raise BadRequestError("suggest must be one of the project's labels")
+    return label.strip()
 
 
 class Thumbnails:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from lookalike.service.annotations import own_region_ids
 from lookalike.service.indexing import queue_index
-from lookalike.service.protocol import own_region_ids
 from lookalike.service.runtime import Runtime
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from lookalike.core.images import ImageLoadError, decode_image
 from lookalike.core.pipeline import Item, run_pipeline
+from lookalike.service.annotations import annotation_labels
 from lookalike.service.ls_client import LabelStudioError, image_field
 from lookalike.service.metrics import record_indexing
 from lookalike.service.runtime import Runtime
@@ -59,6 +60,7 @@ def sync_project(rt: Runtime, project: int, retry_failed: bool, report: Report =
         tasks[int(task["id"])] = {"id": task["id"], "data": task.get("data") or {}}
         if task.get("total_annotations") or task.get("is_labeled"):
             labeled.add(int(task["id"]))
+        _record_labels(state, task)
         if len(tasks) % LISTING_PROGRESS_EVERY == 0:
             report(listed=len(tasks))
     indexed = state.vectors.ids()
@@ -80,6 +82,15 @@ def sync_project(rt: Runtime, project: int, retry_failed: bool, report: Report =
     summary = {"tasks": len(tasks), "enqueued": len(missing), "removed": len(gone)}
     log.info("project %s synced: %s", project, summary)
     return summary
+
+
+def _record_labels(state: ProjectState, task: dict[str, Any]) -> None:
+    """Labels given before Lookalike was connected (or missed webhooks): rare-label counts and
+    label suggestions see them too."""
+    for annotation in task.get("annotations") or []:
+        if isinstance(annotation, dict) and annotation.get("id") is not None:
+            labels = annotation_labels(annotation)
+            state.labels.set(int(annotation["id"]), int(task["id"]), labels)
 
 
 def queue_index(rt: Runtime, state: ProjectState, tasks: list[dict[str, Any]]) -> int:

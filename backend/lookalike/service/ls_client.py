@@ -259,10 +259,23 @@ class LabelStudioClient:
 
     # ----------------------------------------------------------------- predictions
     def put_prediction(
-        self, task_id: int, score: float, model_version: str, prediction_id: int | None
+        self,
+        task_id: int,
+        score: float,
+        model_version: str,
+        prediction_id: int | None,
+        result: list[dict[str, Any]] | None = None,
+        mislabeling: float = 0.0,
     ) -> int:
-        """Create or update the one Lookalike prediction (empty result) that carries a priority."""
-        body = {"task": task_id, "result": [], "score": score, "model_version": model_version}
+        """Create or update the one Lookalike prediction of a task: its score carries the
+        priority; its result a suggested label, if any; `mislabeling` a likely mislabel."""
+        body = {
+            "task": task_id,
+            "result": result or [],
+            "score": score,
+            "model_version": model_version,
+            "mislabeling": mislabeling,
+        }
         if prediction_id is not None:
             response = self._request(
                 "PATCH", f"/api/predictions/{prediction_id}/", json=body, ok=(200, 404)

@@ -15,13 +15,18 @@ from label_studio_sdk.label_interface import LabelInterface
 from lookalike.core.embedding import TextNotSupportedError
 from lookalike.core.query import QueryError
 from lookalike.errors import BadRequestError, ConflictError, LookalikeError, UpstreamError
+from lookalike.service.annotations import (
+    OWN_CONTROL_PREFIX,
+    annotation_labels,
+    own_region_ids,
+    without_own_regions,
+)
 from lookalike.service.runtime import Runtime
 from lookalike.service.similarity import SimilarityService, SimilarQuery
 
 log = logging.getLogger(__name__)
 
 STATUS_CONTROL = "lookalike_status"  # a TextArea in plugin_config.xml that shows our replies
-OWN_CONTROL_PREFIX = "lookalike_"  # Lookalike's own tools in plugin_config.xml
 
 
 def parse_project_id(value: Any) -> int:
@@ -161,36 +166,7 @@ def _status_target(label_config: str) -> str | None:
         return None
 
 
-def annotation_labels(annotation: dict[str, Any]) -> list[str]:
-    """Every label an annotation's result carries (*labels / choices), but Lookalike's own."""
-    labels: list[str] = []
-    for region in annotation.get("result") or []:
-        if str(region.get("from_name", "")).startswith(OWN_CONTROL_PREFIX):
-            continue  # our own "find similar" tools are queries, not labels
-        value = region.get("value") or {}
-        for name, content in value.items():
-            if (name.endswith("labels") or name == "choices") and isinstance(content, list):
-                labels.extend(str(v) for v in content)
-    return labels
-
-
 # ---------------------------------------------------------------------------- clean-up
-def own_region_ids(result: list[dict[str, Any]]) -> set[str]:
-    """Ids of the regions drawn with Lookalike's tools (and its reply), in an annotation."""
-    return {
-        str(item.get("id"))
-        for item in result
-        if isinstance(item, dict) and str(item.get("from_name", "")).startswith(OWN_CONTROL_PREFIX)
-    }
-
-
-def without_own_regions(result: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The annotation's result minus Lookalike's regions, including a user's label that was
-    selected while a query box was drawn (it rides on the query's region id)."""
-    own = own_region_ids(result)
-    return [item for item in result if isinstance(item, dict) and str(item.get("id")) not in own]
-
-
 def clean_annotation(rt: Runtime, project: int, annotation_id: int) -> int:
     """Save the annotation without Lookalike's regions; returns how many results went."""
     annotation = rt.ls.annotation(annotation_id)  # fresh: it may have changed since the event

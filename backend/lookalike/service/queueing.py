@@ -28,10 +28,12 @@ from dataclasses import dataclass
 
 from lookalike.config import Settings
 from lookalike.core.store import Hit
+from lookalike.errors import BadRequestError
 from lookalike.service.indexing import image_key
 from lookalike.service.ls_client import LabelStudioClient, LabelStudioError
 from lookalike.service.runtime import Runtime
 from lookalike.service.state import ProjectState
+from lookalike.service.suggestions import suggest_for
 
 log = logging.getLogger(__name__)
 
@@ -116,16 +118,24 @@ def point_project_at_lookalike(settings: Settings, ls: LabelStudioClient, projec
     return settings.set_sampling or info.get("sampling") == UNCERTAINTY
 
 
-def queue_matches(rt: Runtime, project: int, hits: list[Hit], title: str) -> QueueResult:
-    """Show `hits` (best first) in the tab `title` (created or updated), as the latest request."""
+def queue_matches(
+    rt: Runtime, project: int, hits: list[Hit], title: str, suggest: str | None = None
+) -> QueueResult:
+    """Show `hits` (best first) in the tab `title` (created or updated), as the latest request;
+    their predictions pre-select a suggested label where the config has Choices (`suggest`: the
+    label a person chose for all of them)."""
     settings, ls, state = rt.settings, rt.ls, rt.state(project)
     task_ids = [h.id for h in hits]
-    ranked, priority, note = False, False, ""
+    ranked, priority, note, suggested = False, False, "", ""
     if hits:
         try:
             ranked, note = ownership(settings, ls, project)
+            if suggest is not None and not ranked:
+                raise BadRequestError(f"cannot suggest labels here: {note}")
             if ranked:
-                _write_priorities(settings, state, ls, hits)
+                config = ls.project(project).get("label_config") or ""
+                results, suggested = suggest_for(rt, project, config, task_ids, suggest)
+                _write_priorities(settings, state, ls, hits, results)
                 priority = point_project_at_lookalike(settings, ls, project)
                 if not priority:
                     note = (
@@ -142,11 +152,16 @@ def queue_matches(rt: Runtime, project: int, hits: list[Hit], title: str) -> Que
     state.views.set(title, view_id)
     message = f"{len(task_ids)} similar unlabeled tasks queued in tab '{title}'"
     message += f"; {note}" if note else ("; 'Label All Tasks' serves them next" if hits else "")
+    message += f"; {suggested}" if suggested else ""
     return QueueResult(title, task_ids, view_id, priority, message)
 
 
 def _write_priorities(
-    settings: Settings, state: ProjectState, ls: LabelStudioClient, hits: list[Hit]
+    settings: Settings,
+    state: ProjectState,
+    ls: LabelStudioClient,
+    hits: list[Hit],
+    results: dict[int, list[dict]],
 ) -> None:
     """One Lookalike prediction per task, scored as this request's match (see the module)."""
     # One writer per project: a request's number and its scores land together, in order.
@@ -156,7 +171,11 @@ def _write_priorities(
         for hit in hits:
             score = priority_score(request, hit.score)
             prediction_id = ls.put_prediction(
-                hit.id, score, settings.model_version, prediction_ids.get(hit.id)
+                hit.id,
+                score,
+                settings.model_version,
+                prediction_ids.get(hit.id),
+                results.get(hit.id),
             )
             # Recorded per task as we go, so a failure halfway never leaves a duplicate behind.
             state.priorities.set(hit.id, prediction_id, score)

@@ -252,9 +252,10 @@ class SimilarityService:
         k: int | None = None,
         task: dict | None = None,
         source: str = "api",
+        suggest: str | None = None,
     ) -> tuple[list[Hit], QueueResult]:
         hits = self.find(project, query, k, task, source)
-        return hits, queue_matches(self.rt, project, hits, query.title())
+        return hits, queue_matches(self.rt, project, hits, query.title(), suggest)
 
 
 def _covers_whole_image(box: tuple[float, float, float, float]) -> bool:

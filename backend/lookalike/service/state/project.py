@@ -38,6 +38,7 @@ class ProjectState:
         self.labels = LabelStats(connection, project)
         self.locks = ProjectLocks(connection, project)
         self.replies = Replies(connection, project)
+        self.mislabeled = TaskSet(connection, project, "mislabeled")  # flagged, with a tab
 
     # ------------------------------------------------------------------ tasks
     def replace_tasks(self, task_ids: Iterable[int], labeled: Iterable[int]) -> None:
@@ -109,6 +110,7 @@ class ProjectState:
             self.views,
             self.labels,
             self.replies,
+            self.mislabeled,
         ):
             structure.delete(pipe)
         pipe.delete(*self.locks.keys())

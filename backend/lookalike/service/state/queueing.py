@@ -94,3 +94,11 @@ class LabelStats(Structure):
             for label in set(json.loads(value)["labels"]):
                 counts[label] = counts.get(label, 0) + 1
         return counts
+
+    def by_task(self) -> dict[int, set[str]]:
+        """Task id -> every label its annotations carry (for label suggestions)."""
+        out: dict[int, set[str]] = {}
+        for value in self._redis.hvals(self._key):
+            data = json.loads(value)
+            out.setdefault(int(data["task"]), set()).update(data["labels"])
+        return out

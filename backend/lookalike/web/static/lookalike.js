@@ -11,6 +11,7 @@
     file: $("image-file"), paste: $("paste-zone"), k: $("k"),
     query: $("query"), results: $("results"), selectAll: $("select-all"),
     tabTitle: $("tab-title"), queue: $("queue"), message: $("message"),
+    suggestLabel: $("suggest-label"),
     progress: $("progress"), jobs: $("jobs"),
   };
   const state = {
@@ -333,8 +334,11 @@
     els.queue.disabled = true;
     say(`Queueing ${chosen.length} tasks…`, "busy");
     try {
+      // With a label: the selected tasks open with it pre-selected (Choices configs).
+      const suggest = els.suggestLabel.value.trim();
       const data = await api("POST", `/api/projects/${state.project}/queue`, {
         title, results: chosen.map((r) => ({ task_id: r.task_id, score: r.score })),
+        ...(suggest ? { suggest } : {}),
       });
       els.message.replaceChildren(data.message + " ",
         el("a", { href: data.url, target: "_blank", rel: "noopener", text: "open the tab ↗" }));

@@ -49,6 +49,7 @@ ROUTES = Map([Rule(path, endpoint=endpoint) for path, endpoint in [
     ("/api/predictions/", "predictions"), ("/api/predictions/<int:prid>/", "prediction"),
     ("/api/ml/", "ml"), ("/api/token/refresh/", "refresh"),
     ("/api/annotations/<int:aid>/", "annotation"), ("/api/dm/columns/", "columns"),
+    ("/api/current-user/whoami/", "whoami"),
     ("/data/upload/<int:pid>/<name>", "file"), ("/storage-data/uploaded/", "storage_proxy"),
 ]])  # fmt: skip
 
@@ -85,6 +86,8 @@ class FakeLabelStudio:
         self.log: list[Call] = []
         self.errors: list[Exception] = []  # bugs of the fake itself (answered with a 500)
         self.lock = threading.RLock()
+        self.users: dict[str, dict[str, Any]] = {}  # token -> user (add_user)
+        self._user: dict[str, Any] = {}
         self.port = 0
         self._failures: list[tuple[int, str | None]] = []
         self._server: BaseWSGIServer | None = None
@@ -228,10 +231,25 @@ class FakeLabelStudio:
         body = {**self._body("task_get_404"), "id": str(uuid.uuid4()), "status_code": status}
         return Response(json.dumps({**body, "detail": detail}), status, mimetype="application/json")
 
+    def add_user(self, email: str, projects: set[int]) -> str:
+        """Another user (legacy token returned) who can open only `projects` (as a user of
+        another organization would): other projects answer 404 and are not listed."""
+        token = secrets.token_hex(20)
+        self.users[token] = {"id": 100 + len(self.users), "email": email, "projects": projects}
+        return token
+
+    def _visible(self, project: int) -> bool:
+        allowed = self._user.get("projects")
+        return allowed is None or project in allowed
+
     def _authenticate(self, auth: str | None) -> None:
         scheme, _, token = (auth or "").partition(" ")
         if scheme not in ("Token", "Bearer") or not token:
             raise Fail(401, "Authentication credentials were not provided.")
+        if scheme == "Token" and token in self.users:
+            self._user = self.users[token]
+            return
+        self._user = {"id": 1, "email": "admin@example.com", "projects": None}
         if scheme == "Token" and token != self.api_key:
             raise Fail(401, "Invalid token.")
         if scheme == "Bearer" and self._claims(token).get("token_type") != "access":
@@ -248,14 +266,19 @@ class FakeLabelStudio:
             return {}
 
     # ------------------------------------------------------------------ endpoints
+    def _h_whoami(self, request: Request, body: Json) -> Json:
+        return {"id": self._user["id"], "email": self._user["email"], "username": "user"}
+
     def _h_projects(self, request: Request, body: Json) -> Json:
-        projects = [self.project(pid) for pid in sorted(self.projects)]
+        projects = [self.project(pid) for pid in sorted(self.projects) if self._visible(pid)]
         page = self._page(request, projects, 30, 100)
         if include := request.args.get("include"):  # LS honours it: only these keys
             page = [{k: p[k] for k in include.split(",") if k in p} for p in page]
         return {"count": len(projects), "next": None, "previous": None, "results": page}
 
     def _h_project(self, request: Request, body: Json, pid: int) -> Json:
+        if not self._visible(pid):
+            raise Fail(404, "No Project matches the given query.")
         if request.method == "PATCH":
             self._get(self.projects, pid, "Project").update(body)
         return self.project(self._get(self.projects, pid, "Project")["id"])

@@ -342,3 +342,13 @@ def test_dockerfile_torch_is_the_tested_torch() -> None:
         match = re.search(rf"^{arg}=(\S+)", script, re.M)
         if match:
             assert args[arg] == match.group(1), f"Dockerfile {arg} differs from scripts/test.sh"
+
+
+def test_the_backend_is_secured_by_default(services: dict[str, dict[str, Any]]) -> None:
+    """Label Studio's basic-auth credentials are set for the web process, and its port is
+    published on this machine only (Label Studio reaches it inside the docker network)."""
+    env = _environment(services["lookalike"])
+    assert env["BASIC_AUTH_USER"] and len(env["BASIC_AUTH_PASS"]) >= 16
+    for port in services["lookalike"].get("ports") or []:
+        host_ip = port.get("host_ip") if isinstance(port, dict) else str(port).split(":")[0]
+        assert host_ip == "127.0.0.1", port

@@ -86,12 +86,22 @@ def test_demo_brings_the_stack_up_and_ctrl_c_stops_it(tmp_path: Path) -> None:
         tasks = session.get(f"http://127.0.0.1:{ls_port}/api/projects/{project}", timeout=30)
         assert tasks.json()["task_number"] >= 30
 
+        # The demo is secured like a real install: the search page and the API need the
+        # Label Studio token it prints.
         backend = f"http://127.0.0.1:{backend_port}"
-        status = requests.get(f"{backend}/api/projects/{project}/index-status", timeout=10).json()
+        token = re.search(r"sign in with your Label Studio token: (\S+)", text)
+        assert token, text
+        me = {"Authorization": f"Token {token.group(1)}"}
+        status_url = f"{backend}/api/projects/{project}/index-status"
+        assert requests.get(status_url, timeout=10).status_code == 401
+        status = requests.get(status_url, headers=me, timeout=10).json()
         assert status["indexed"] == status["total"] >= 30 and status["failed"] == 0
         assert requests.get(f"{backend}/", timeout=10).status_code == 200
         hits = requests.post(
-            f"{backend}/api/projects/{project}/similar", json={"task_id": 1, "k": 2}, timeout=60
+            f"{backend}/api/projects/{project}/similar",
+            json={"task_id": 1, "k": 2},
+            headers=me,
+            timeout=60,
         ).json()["results"]
         assert hits[0]["score"] > 0.8  # every demo photo has near duplicates
 

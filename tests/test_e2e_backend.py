@@ -135,12 +135,18 @@ def task_ids_by_name(ls: LabelStudioServer, project: int) -> dict[str, int]:
     return out
 
 
-def connect(ls: LabelStudioServer, project: int, url: str, title: str) -> int:
-    response = ls.request(
-        "POST",
-        "/api/ml/",
-        json={"url": url, "project": project, "title": title, "is_interactive": True},
-    )
+def connect(
+    ls: LabelStudioServer, project: int, url: str, title: str, auth: tuple[str, str] | None = None
+) -> int:
+    """Label Studio's Connect Model (with basic auth when the backend has credentials)."""
+    body: dict[str, Any] = {"url": url, "project": project, "title": title, "is_interactive": True}
+    if auth:
+        body |= {
+            "auth_method": "BASIC_AUTH",
+            "basic_auth_user": auth[0],
+            "basic_auth_pass": auth[1],
+        }
+    response = ls.request("POST", "/api/ml/", json=body)
     assert response.status_code == 201, response.text
     return int(response.json()["id"])
 

@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = os.environ.get("LOOKALIKE_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("LOOKALIKE_CHROMEDRIVER", "/usr/bin/chromedriver")
+BASIC_AUTH = ("label-studio", "browser-test-secret-0123456789")
 NAMES = PHOTOS[:5]  # chelsea, coffee, astronaut, rocket, camera: each with an augmented copy
 CHROMIUM_FLAGS = [
     "--headless",
@@ -91,6 +92,8 @@ def page_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PageStack]:
             "LOOKALIKE_DATA_DIR": str(root / "data"),
             "LOOKALIKE_MODEL": "timm:efficientnet_lite0",
             "LOOKALIKE_WEIGHTS": str(weights),
+            "BASIC_AUTH_USER": BASIC_AUTH[0],
+            "BASIC_AUTH_PASS": BASIC_AUTH[1],
         }
         port = free_port()
         with (
@@ -103,7 +106,7 @@ def page_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PageStack]:
             wait_http(f"{url}/health", 60, proc=serve, log_path=root / "serve.log")
             project = create_project(ls, "Search page photos")
             upload(ls, project, uploads)
-            connect(ls, project, url, "lookalike")
+            connect(ls, project, url, "lookalike", BASIC_AUTH)
             names = task_ids_by_name(ls, project)
             assert len(names) == 2 * len(NAMES), names
             yield PageStack(ls=ls, url=url, project=project, names=names, root=root)
@@ -203,6 +206,13 @@ def test_search_page_searches_queues_and_shows_progress(
     started = time.monotonic()
     driver.get(stack.url + "/")
 
+    # Signing in with one's own Label Studio token (here: the LS admin's own account).
+    token = page_wait(driver, 30).until(lambda d: d.find_element(By.ID, "token"))
+    page_wait(driver, 10).until(lambda d: token.is_displayed())
+    token.send_keys(stack.ls.api_key)
+    driver.find_element(By.ID, "sign-in-button").click()
+    page_wait(driver, 30).until(lambda d: "admin@example.com" in d.find_element(By.ID, "user").text)
+
     # The project is picked automatically; its progress bar reaches indexed == total.
     page_wait(driver, 30).until(
         lambda d: d.find_element(By.ID, "project").get_attribute("value") == str(stack.project)
@@ -289,16 +299,20 @@ def test_search_page_searches_queues_and_shows_progress(
 
     # The progress panel still reads indexed == total; the page never holds the API key.
     assert _live_text(driver, count) == f"{total} / {total}"
-    projects = requests.get(f"{stack.url}/api/projects", timeout=10)
+    me = {"Authorization": f"Token {stack.ls.api_key}"}  # a script uses the same tokens
+    assert requests.get(f"{stack.url}/api/projects", timeout=10).status_code == 401
+    projects = requests.get(f"{stack.url}/api/projects", headers=me, timeout=10)
     [listed] = [p for p in projects.json()["projects"] if p["id"] == stack.project]
     assert listed["connected"] and listed["task_count"] == total
     assert listed["status"]["indexed"] == listed["status"]["total"] == total
-    jobs = requests.get(f"{stack.url}/api/jobs", timeout=10)
+    jobs = requests.get(f"{stack.url}/api/jobs", headers=me, timeout=10)
     assert jobs.json()["workers"] == 1 and jobs.json()["failed"] == 0
     for text in (driver.page_source, projects.text, jobs.text):
         assert stack.ls.api_key not in text
     thumb = requests.get(
-        f"{stack.url}/api/projects/{stack.project}/tasks/{copy}/thumbnail?size=128", timeout=30
+        f"{stack.url}/api/projects/{stack.project}/tasks/{copy}/thumbnail?size=128",
+        headers=me,
+        timeout=30,
     )
     assert thumb.status_code == 200 and thumb.headers["Content-Type"] == "image/jpeg"
     assert "max-age" in thumb.headers["Cache-Control"]

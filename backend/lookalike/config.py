@@ -63,6 +63,20 @@ class Settings:
     suggestions: bool = field(default=True, metadata={"env": "LOOKALIKE_SUGGESTIONS"})
     suggest_k: int = field(default=10, metadata={"env": "LOOKALIKE_SUGGEST_K"})
     model_version: str = field(default="lookalike", metadata={"env": "LOOKALIKE_MODEL_VERSION"})
+    # Security (see the README's "Security"): Label Studio's credentials for the ML-backend
+    # protocol; people sign in to the page and the API with their own Label Studio token.
+    basic_auth_user: str = field(default="", metadata={"env": "BASIC_AUTH_USER"})
+    basic_auth_pass: str = field(default="", repr=False, metadata={"env": "BASIC_AUTH_PASS"})
+    metrics_token: str = field(default="", repr=False, metadata={"env": "LOOKALIKE_METRICS_TOKEN"})
+    url_allow: str = field(default="", metadata={"env": "LOOKALIKE_URL_ALLOW"})
+    session_hours: float = field(default=12.0, metadata={"env": "LOOKALIKE_SESSION_HOURS"})
+    rate_limit: int = field(default=120, metadata={"env": "LOOKALIKE_RATE_LIMIT"})
+    thumbnail_rate_limit: int = field(
+        default=1200, metadata={"env": "LOOKALIKE_THUMBNAIL_RATE_LIMIT"}
+    )
+    max_request_bytes: int = field(
+        default=16 * 1024 * 1024, metadata={"env": "LOOKALIKE_MAX_REQUEST_BYTES"}
+    )
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -87,6 +101,12 @@ class Settings:
             except (ValueError, ConfigError) as exc:
                 raise ConfigError(f"{name}={raw!r}: {exc}") from exc
         return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether Label Studio's basic-auth credentials are set: then the protocol needs them
+        and people sign in; without them, only loopback clients are served."""
+        return bool(self.basic_auth_user and self.basic_auth_pass)
 
     @property
     def public_label_studio_url(self) -> str:

@@ -116,6 +116,10 @@ def run_demo(settings: Settings, root: Path, ls_port: int, backend_port: int) ->
             "LOOKALIKE_DATA_DIR": str(root / "data"),
             "LOOKALIKE_MODEL": settings.model,
             "LOOKALIKE_WEIGHTS": settings.weights,
+            # Secured like a real install: Label Studio connects with these (below), and
+            # people sign in to the search page with their Label Studio token.
+            "BASIC_AUTH_USER": "label-studio",
+            "BASIC_AUTH_PASS": secrets.token_urlsafe(18),
         }
         backend_url = f"http://127.0.0.1:{backend_port}"
         print("starting lookalike serve and lookalike worker ...", flush=True)
@@ -155,14 +159,17 @@ def run_demo(settings: Settings, root: Path, ls_port: int, backend_port: int) ->
                 "project": project,
                 "title": "Lookalike",
                 "is_interactive": True,
+                "auth_method": "BASIC_AUTH",
+                "basic_auth_user": env["BASIC_AUTH_USER"],
+                "basic_auth_pass": env["BASIC_AUTH_PASS"],
             },
         )
-        _wait_indexed(backend_url, project, len(images), root)
+        _wait_indexed(backend_url, ls.api_key, project, len(images), root)
         print(
             f"""
 Ready.
   Label Studio   {ls.url}/projects/{project}/data   login {username} / {password}
-  Search page    {backend_url}/
+  Search page    {backend_url}/   sign in with your Label Studio token: {ls.api_key}
   Index status   {backend_url}/api/projects/{project}/index-status
   Logs           {root}/*.log
 
@@ -181,14 +188,16 @@ box (or double-click the image for the whole image). Matches appear in a new tab
             return 0
 
 
-def _wait_indexed(backend_url: str, project: int, total: int, root: Path) -> None:
+def _wait_indexed(backend_url: str, token: str, project: int, total: int, root: Path) -> None:
     from tqdm import tqdm
 
     with tqdm(total=total, desc="indexing", unit="task") as bar:
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline:
             status = requests.get(
-                f"{backend_url}/api/projects/{project}/index-status", timeout=10
+                f"{backend_url}/api/projects/{project}/index-status",
+                headers={"Authorization": f"Token {token}"},
+                timeout=10,
             ).json()
             bar.total = max(status["total"], total)
             bar.n = status["indexed"] + status["failed"]

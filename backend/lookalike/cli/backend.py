@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from lookalike.config import DEFAULT_MODEL, Settings
 
@@ -64,6 +65,17 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from lookalike.web.app import create_app
 
     setup_logging(settings)
+    if not settings.auth_enabled:
+        # Loud on purpose: without credentials only this machine is served (README: Security).
+        banner = "!" * 78
+        print(
+            f"{banner}\n  NO AUTHENTICATION CONFIGURED: lookalike serve answers only loopback "
+            "clients.\n  Set BASIC_AUTH_USER and BASIC_AUTH_PASS (and enter them in Label "
+            "Studio's\n  Connect Model dialog) to serve Label Studio and people on the "
+            f"network.\n{banner}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     class _Server(BaseApplication):
         def load_config(self) -> None:

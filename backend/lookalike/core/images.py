@@ -81,6 +81,43 @@ def _body_chunks(response: requests.Response, size: int = 64 * 1024) -> Iterator
         yield chunk
 
 
+def read_limited(
+    declared: str | None,
+    chunks: Iterator[bytes],
+    shown: str,
+    limits: ImageLimits,
+    deadline: float,
+) -> bytes:
+    """A response body within the download size limit and before `deadline` (monotonic)."""
+    if declared and declared.isdigit() and int(declared) > limits.max_download_bytes:
+        raise ImageLoadError(
+            "too_large",
+            f"{shown} is {int(declared)} bytes, over the "
+            f"{limits.max_download_bytes}-byte download limit",
+        )
+    parts: list[bytes] = []
+    size = 0
+    for chunk in chunks:
+        size += len(chunk)
+        if size > limits.max_download_bytes:
+            raise ImageLoadError(
+                "too_large", f"{shown} exceeds the {limits.max_download_bytes}-byte download limit"
+            )
+        parts.append(chunk)
+        if time.monotonic() > deadline:
+            raise too_slow_error(shown, limits)
+    return b"".join(parts)
+
+
+def too_slow_error(shown: str, limits: ImageLimits) -> ImageLoadError:
+    return ImageLoadError("timeout", f"GET {shown} took longer than {limits.download_timeout:g}s")
+
+
+def shown_url(url: str) -> str:
+    """`url` for messages: never a query string (presigned URLs are secrets)."""
+    return url.split("?", 1)[0] + ("?..." if "?" in url else "")
+
+
 def _is_timeout(exc: BaseException) -> bool:
     """Whether a download failed by being slow, however the libraries wrap it."""
     # Not urllib3's TimeoutError base: its NewConnectionError ("connection refused") is one.
@@ -102,39 +139,17 @@ def fetch_url(
     `limits.download_timeout` bounds both each socket wait and the whole download.
     """
     getter = session or requests
-    # Messages end up in index-status: never show a query string (presigned URLs are secrets).
-    shown = url.split("?", 1)[0] + ("?..." if "?" in url else "")
+    shown = shown_url(url)  # messages end up in index-status
     deadline = time.monotonic() + limits.download_timeout
-    too_slow = ImageLoadError(
-        "timeout", f"GET {shown} took longer than {limits.download_timeout:g}s"
-    )
     try:
         with getter.get(url, stream=True, timeout=limits.download_timeout, headers=headers) as r:
             if r.status_code >= 400:
                 raise ImageLoadError("http_error", f"GET {shown} returned HTTP {r.status_code}")
             declared = r.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > limits.max_download_bytes:
-                raise ImageLoadError(
-                    "too_large",
-                    f"{shown} is {int(declared)} bytes, over the "
-                    f"{limits.max_download_bytes}-byte download limit",
-                )
-            chunks: list[bytes] = []
-            size = 0
-            for chunk in _body_chunks(r):
-                size += len(chunk)
-                if size > limits.max_download_bytes:
-                    raise ImageLoadError(
-                        "too_large",
-                        f"{shown} exceeds the {limits.max_download_bytes}-byte download limit",
-                    )
-                chunks.append(chunk)
-                if time.monotonic() > deadline:
-                    raise too_slow
-            return b"".join(chunks)
+            return read_limited(declared, _body_chunks(r), shown, limits, deadline)
     except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
         if _is_timeout(exc):
-            raise too_slow from exc
+            raise too_slow_error(shown, limits) from exc
         detail = str(exc).replace(url, shown)
         raise ImageLoadError("download_failed", f"GET {shown} failed: {detail}") from exc
 

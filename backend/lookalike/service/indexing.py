@@ -5,6 +5,7 @@ task images through Label Studio and a writer that stores vectors and failures i
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import time
@@ -43,6 +44,7 @@ def sync_project(rt: Runtime, project: int, retry_failed: bool, report: Report =
     Caller holds the project's sync lock. `retry_failed` (a sync asked for by a person) also
     retries tasks that failed for good."""
     state = rt.state(project)
+    _authenticate_webhooks(rt, project)
     project_info = rt.ls.project(project)
     _, key = image_field(project_info["label_config"])
     config_hash = hashlib.sha256(project_info["label_config"].encode()).hexdigest()[:16]
@@ -82,6 +84,19 @@ def sync_project(rt: Runtime, project: int, retry_failed: bool, report: Report =
     summary = {"tasks": len(tasks), "enqueued": len(missing), "removed": len(gone)}
     log.info("project %s synced: %s", project, summary)
     return summary
+
+
+def _authenticate_webhooks(rt: Runtime, project: int) -> None:
+    settings = rt.settings
+    if not settings.auth_enabled:
+        return
+    credentials = f"{settings.basic_auth_user}:{settings.basic_auth_pass}".encode()
+    header = "Basic " + base64.b64encode(credentials).decode()
+    try:
+        if rt.ls.authenticate_webhooks(project, settings.basic_auth_user, header):
+            log.info("project %s: Label Studio's webhook now sends our basic auth", project)
+    except LabelStudioError as exc:  # the sync still runs; webhooks answer 401 meanwhile
+        log.warning("project %s: could not add basic auth to the webhook: %s", project, exc)
 
 
 def _record_labels(state: ProjectState, task: dict[str, Any]) -> None:

@@ -294,6 +294,32 @@ class LabelStudioClient:
         # {"version": count}; the project's current version is listed even with count 0.
         return [str(version) for version, count in body.items() if count]
 
+    def authenticate_webhooks(self, project_id: int, user: str, header: str) -> int:
+        """Make the webhook Label Studio created for our ML backend (connected with basic auth
+        user `user`) send `header` too: Label Studio creates it without credentials, and it is
+        what keeps the index current. Returns how many webhooks were changed."""
+        ours = {
+            str(b.get("url", "")).rstrip("/") + "/webhook"
+            for b in self.ml_backends(project_id)
+            if b.get("basic_auth_user") == user
+        }
+        hooks = self._request("GET", "/api/webhooks/", params={"project": project_id}).json()
+        changed = 0
+        for hook in hooks if isinstance(hooks, list) else []:
+            headers = dict(hook.get("headers") or {})
+            if (
+                str(hook.get("url", "")).rstrip("/") in ours
+                and headers.get("Authorization") != header
+            ):
+                headers["Authorization"] = header
+                self._request("PATCH", f"/api/webhooks/{hook['id']}/", json={"headers": headers})
+                changed += 1
+        return changed
+
+    def whoami(self) -> dict[str, Any]:
+        """The user this client's token belongs to."""
+        return self._request("GET", "/api/current-user/whoami").json()
+
     # ----------------------------------------------------------------- annotations
     def annotation(self, annotation_id: int) -> dict[str, Any]:
         return self._request("GET", f"/api/annotations/{annotation_id}/").json()

@@ -26,6 +26,7 @@ from lookalike.core.query import (
     normalise,
     text_query_vector,
 )
+from lookalike.core.safe_fetch import UrlPolicy, UrlRefusedError, fetch_public_url
 from lookalike.core.store import Collection, Hit
 from lookalike.errors import ConflictError, NotFoundError
 from lookalike.service.indexing import image_key
@@ -131,6 +132,7 @@ class SimilarityService:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.indexes = ProjectIndexes(rt.redis)
+        self.url_policy = UrlPolicy.parse(rt.settings.url_allow)
 
     def task(self, project: int, task_id: int) -> dict[str, Any]:
         """The task from Label Studio; NotFoundError if it is not in `project`."""
@@ -170,7 +172,9 @@ class SimilarityService:
         if query.text:
             return self._embedded(collection, lambda e: text_query_vector(e, query.text or ""))
         if query.image is not None or query.url:
-            source = query.image if query.image is not None else query.url
+            # A searcher's URL is fetched only from public addresses (no SSRF); task images
+            # from the project's own data are fetched as Label Studio's data says.
+            source = query.image if query.image is not None else self._fetch_query_url(query.url)
             return self._embedded(
                 collection, lambda e: image_query_vector(e, source, self.rt.limits, query.box, "%")
             )
@@ -188,6 +192,12 @@ class SimilarityService:
             )
         except ImageLoadError as exc:
             raise TaskImageError(str(exc), exc.reason) from exc
+
+    def _fetch_query_url(self, url: str | None) -> bytes:
+        try:
+            return fetch_public_url(str(url), self.rt.limits, self.url_policy)
+        except UrlRefusedError as exc:
+            raise QueryError(str(exc)) from None
 
     def _embedded(
         self, collection: Collection, compute: Callable[[Embedder], np.ndarray]

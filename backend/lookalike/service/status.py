@@ -50,8 +50,12 @@ def job_info(job: Job) -> dict[str, Any]:
     }
 
 
-def jobs_overview(rt: Runtime) -> dict[str, Any]:
-    """The RQ queue: waiting, running, scheduled (retries) and failed jobs, and the workers."""
+def jobs_overview(rt: Runtime, visible: set[int] | None = None) -> dict[str, Any]:
+    """The RQ queue: waiting, running, scheduled (retries) and failed jobs, and the workers;
+    running jobs only of the `visible` projects when given."""
+    running = [job_info(j) for j in running_jobs(rt, MAX_JOBS_SHOWN)]
+    if visible is not None:
+        running = [j for j in running if j["project"] in visible]
     queue = rt.jobs.queue
     return {
         "queue": queue.name,
@@ -61,7 +65,7 @@ def jobs_overview(rt: Runtime) -> dict[str, Any]:
         "failed": queue.failed_job_registry.count,
         "finished": queue.finished_job_registry.count,
         "workers": Worker.count(connection=rt.redis, queue=queue),
-        "running": [job_info(j) for j in running_jobs(rt, MAX_JOBS_SHOWN)],
+        "running": running,
     }
 
 
@@ -74,7 +78,8 @@ class ProjectList:
         self._lock = threading.Lock()
         self._value: tuple[float, list[dict[str, Any]]] | None = None
 
-    def overview(self) -> dict[str, Any]:
+    def overview(self, visible: set[int] | None = None) -> dict[str, Any]:
+        """Every project, or only the `visible` ones (those the signed-in user can open)."""
         settings = self.rt.settings
         indexed = set(known_projects(self.rt.redis))
         error = None
@@ -99,6 +104,8 @@ class ProjectList:
                     "status": self._status(project["id"]) if connected else None,
                 }
             )
+        if visible is not None:
+            out = [p for p in out if p["id"] in visible]
         # Projects this backend indexes first, then the others (searching them says "no index").
         out.sort(key=lambda p: (not p["connected"], p["id"]))
         return {

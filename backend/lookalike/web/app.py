@@ -15,7 +15,7 @@ from werkzeug.exceptions import HTTPException
 
 from lookalike.errors import LookalikeError
 from lookalike.service.runtime import Runtime
-from lookalike.web import api, page, protocol
+from lookalike.web import access, api, page, protocol
 from lookalike.web.context import Services
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 
 def create_app(rt: Runtime) -> Flask:
     app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = rt.settings.max_request_bytes  # 413 above it
     app.extensions["lookalike"] = Services.build(rt)
+    access.install(app)
     for blueprint in (protocol.blueprint, api.blueprint, page.blueprint):
         app.register_blueprint(blueprint)
     app.register_error_handler(LookalikeError, _lookalike_error)

@@ -9,6 +9,7 @@ from flask import current_app, request
 
 from lookalike.errors import BadRequestError
 from lookalike.service.api import Thumbnails
+from lookalike.service.auth import Authenticator, RateLimiter, Sessions
 from lookalike.service.metrics import WebMetrics
 from lookalike.service.runtime import Runtime
 from lookalike.service.similarity import SimilarityService
@@ -24,6 +25,9 @@ class Services:
     metrics: WebMetrics
     projects: ProjectList
     thumbnails: Thumbnails
+    auth: Authenticator
+    sessions: Sessions
+    rate_limiter: RateLimiter
 
     @classmethod
     def build(cls, rt: Runtime) -> Services:
@@ -31,7 +35,16 @@ class Services:
         rt.observe_query_embed = metrics.query_embed_seconds.observe
         rt.observe_search = metrics.observe_search
         similarity = SimilarityService(rt)
-        return cls(rt, similarity, metrics, ProjectList(rt), Thumbnails(similarity))
+        return cls(
+            rt,
+            similarity,
+            metrics,
+            ProjectList(rt),
+            Thumbnails(similarity),
+            Authenticator(rt),
+            Sessions(rt.redis, rt.settings.session_hours),
+            RateLimiter(rt.redis),
+        )
 
 
 def services() -> Services:

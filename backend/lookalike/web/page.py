@@ -6,11 +6,12 @@ this process with its own credentials, and images come back as re-encoded JPEG t
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify, render_template, request
+from flask import Blueprint, Response, g, jsonify, render_template, request
 
 from lookalike import __version__
 from lookalike.service import status
-from lookalike.web.context import services
+from lookalike.web import access
+from lookalike.web.context import json_body, services
 
 blueprint = Blueprint(
     "page",
@@ -28,10 +29,41 @@ def index():
     return response
 
 
+@blueprint.route("/api/session", methods=["GET", "POST", "DELETE"])
+def session():
+    """Sign in (POST {"token": "<your Label Studio token>"}), who am I (GET), sign out."""
+    svc = services()
+    if request.method == "POST":
+        identity = svc.auth.identify(str(json_body().get("token") or ""))
+        response = jsonify(user={"id": identity.user_id, "email": identity.email})
+        response.set_cookie(
+            access.SESSION_COOKIE,
+            svc.sessions.start(identity),
+            max_age=svc.sessions.seconds,
+            httponly=True,
+            samesite="Strict",
+            secure=request.is_secure,
+        )
+        return response
+    if request.method == "DELETE":
+        svc.sessions.end(request.cookies.get(access.SESSION_COOKIE, ""))
+        response = jsonify(signed_out=True)
+        response.delete_cookie(access.SESSION_COOKIE)
+        return response
+    identity = access.current_identity() if svc.rt.settings.auth_enabled else None
+    if svc.rt.settings.auth_enabled and identity is None:
+        return jsonify(error="not signed in", auth=True), 401
+    user = {"id": identity.user_id, "email": identity.email} if identity else None
+    return jsonify(user=user, auth=svc.rt.settings.auth_enabled)
+
+
 @blueprint.get("/api/projects")
 def projects():
-    """Label Studio's projects (id, title, task count) with this backend's index status."""
-    return jsonify(services().projects.overview())
+    """Label Studio's projects (id, title, task count) with this backend's index status: the
+    ones the signed-in user can open."""
+    identity = g.get("identity")
+    visible = services().auth.projects(identity) if identity is not None else None
+    return jsonify(services().projects.overview(visible))
 
 
 @blueprint.get("/api/projects/<int:project>/tasks/<int:task_id>/thumbnail")
@@ -44,4 +76,6 @@ def thumbnail(project: int, task_id: int):
 
 @blueprint.get("/api/jobs")
 def jobs():
-    return jsonify(status.jobs_overview(services().rt))
+    identity = g.get("identity")
+    visible = services().auth.projects(identity) if identity is not None else None
+    return jsonify(status.jobs_overview(services().rt, visible))

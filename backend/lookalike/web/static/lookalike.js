@@ -13,6 +13,8 @@
     tabTitle: $("tab-title"), queue: $("queue"), message: $("message"),
     suggestLabel: $("suggest-label"),
     progress: $("progress"), jobs: $("jobs"),
+    user: $("user"), signOut: $("sign-out"), signIn: $("sign-in"), token: $("token"),
+    signInMessage: $("sign-in-message"),
   };
   const state = {
     projects: [], labelStudioUrl: "", project: null, kInitialised: false,
@@ -45,11 +47,49 @@
     const response = await fetch(path, options);
     let data = null;
     try { data = await response.json(); } catch (e) { /* not JSON */ }
+    if (response.status === 401 && path !== "/api/session") showSignIn(true);
     if (!response.ok) {
       throw new Error((data && data.error) || `${method} ${path}: HTTP ${response.status}`);
     }
     return data;
   }
+
+  // ---------------------------------------------------------------- signing in
+  // The token goes to this backend once; it answers with an HttpOnly session cookie.
+  function showSignIn(show) {
+    els.signIn.hidden = !show;
+    document.querySelector("main.layout").hidden = show;
+  }
+
+  async function checkSession() {
+    try {
+      const data = await api("GET", "/api/session");
+      els.user.textContent = data.user ? data.user.email : "";
+      els.signOut.hidden = !data.user;
+      showSignIn(false);
+      return true;
+    } catch (error) {
+      showSignIn(true);
+      return false;
+    }
+  }
+
+  els.signIn.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    try {
+      await api("POST", "/api/session", { token: els.token.value.trim() });
+      els.token.value = "";
+      els.signInMessage.textContent = "";
+      if (await checkSession()) poll();
+    } catch (error) {
+      els.signInMessage.textContent = error.message;
+      els.signInMessage.className = "message error";
+    }
+  });
+  els.signOut.addEventListener("click", async () => {
+    await api("DELETE", "/api/session");
+    window.location.reload();
+  });
 
   function say(text, kind) {
     els.message.textContent = text || "";
@@ -165,13 +205,17 @@
     els.jobs.replaceChildren(...parts.filter((part) => part));
   }
 
+  let polling = false;
   async function poll() {
+    if (!els.signIn.hidden) { polling = false; return; }  // resumes after signing in
+    if (polling) return;
+    polling = true;
     try {
       await Promise.all([refreshProjects(), refreshJobs()]);
     } catch (error) {
       els.jobs.replaceChildren(el("div", { class: "warning", text: `Backend: ${error.message}` }));
     } finally {
-      setTimeout(poll, POLL_MS);
+      setTimeout(() => { polling = false; poll(); }, POLL_MS);
     }
   }
 
@@ -404,5 +448,5 @@
   els.queue.addEventListener("click", queueSelected);
 
   updateSelection();
-  poll();
+  checkSession().then((signedIn) => { if (signedIn) poll(); });
 })();

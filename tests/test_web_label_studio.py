@@ -365,3 +365,55 @@ def test_a_label_selected_while_drawing_the_query_is_called_out(world: World) ->
     said = reply["result"][0]["value"]["text"][0]
     assert said.startswith("3 similar unlabeled tasks queued in tab")
     assert "not a 'Car' label: it is left out when you submit" in said
+
+
+# ------------------------------------------------------------------ Label Studio outages
+def test_a_label_studio_outage_is_retried_not_failed_for_good(world: World, photos) -> None:
+    from rq.job import Job
+
+    url = world.ls.add_file("late.png", png(photos["coins"]), world.project)
+    task = world.ls.add_task(world.project, {"image": url})
+    event = {"action": "TASKS_CREATED", "project": {"id": world.project}, "tasks": [task]}
+    with world.ls.down():
+        world.client.post("/webhook", json=event)
+        world.run_jobs()
+        status = world.client.get(f"/api/projects/{world.project}/index-status").json
+        [failure] = status["failures"]
+        assert failure["reason"].startswith("download_failed") and status["retrying"] == 1
+        assert world.rt.state(world.project).failures.all()[0].final is False
+        registry = world.rt.jobs.queue.scheduled_job_registry
+        [job_id] = registry.get_job_ids()
+        due = registry.get_scheduled_time(job_id).timestamp() - __import__("time").time()
+        assert 5 < due <= 15  # the outage schedule's first step, then longer ones
+    # Label Studio is back: the retry (run now instead of in 15 s) indexes the task.
+    job = Job.fetch(job_id, connection=world.rt.redis)
+    registry.remove(job)
+    world.rt.jobs.queue.enqueue_job(job)
+    world.run_jobs()
+    status = world.client.get(f"/api/projects/{world.project}/index-status").json
+    assert status["failures"] == [] and status["indexed"] == status["total"] == 10
+
+
+def test_a_task_announced_while_a_sync_lists_the_project_is_kept(world: World, photos) -> None:
+    """Label Studio sends TASKS_CREATED before a listing shows the task (local storage sync):
+    the sync running meanwhile must not drop it."""
+    from lookalike.service import indexing
+
+    url = world.ls.add_file("during.png", png(photos["coins"]), world.project)
+    late = {"id": 999, "data": {"image": url}}
+    listing = world.rt.ls.iter_tasks
+
+    def listing_with_a_webhook(project: int, page_size: int = 500):
+        yield from listing(project, page_size)  # without the new task: not committed yet
+        world.ls.tasks[999] = {**world.ls.tasks[world.task["coins"]], "id": 999, **late}
+        event = {"action": "TASKS_CREATED", "project": {"id": project}, "tasks": [late]}
+        assert world.client.post("/webhook", json=event).status_code == 200
+
+    world.rt.ls.iter_tasks = listing_with_a_webhook  # type: ignore[method-assign]
+    try:
+        indexing.sync_project(world.rt, world.project, retry_failed=False)
+    finally:
+        world.rt.ls.iter_tasks = listing  # type: ignore[method-assign]
+    assert 999 in world.rt.state(world.project).tasks
+    world.run_jobs()
+    assert 999 in world.rt.state(world.project).vectors.ids()

@@ -86,6 +86,11 @@ def routes(s: Secured) -> list[tuple[str, str, dict | None]]:
         ("POST", "/webhook", {"action": "TASKS_DELETED", "project": {"id": p}}),
         ("GET", "/versions", None),
         ("GET", "/metrics", None),
+        ("GET", "/", None),  # the sign-in form, with 401: no data until signed in
+        ("GET", "/assets/lookalike.js", None),
+        ("GET", "/api/session", None),
+        ("DELETE", "/api/session", None),
+        ("POST", "/api/session", {"token": ""}),
         ("GET", "/api/projects", None),
         ("GET", "/api/jobs", None),
         ("GET", f"/api/projects/{p}/index-status", None),
@@ -102,7 +107,8 @@ def test_without_credentials_every_route_but_health_is_refused(secured: Secured)
         for environ in ({}, REMOTE):  # loopback is no exception once auth is on
             reply = secured.client.open(path, method=method, json=body, environ_base=environ)
             assert reply.status_code == 401, (method, path, reply.status_code)
-            assert "error" in reply.json and "Traceback" not in reply.get_data(as_text=True)
+            assert "Traceback" not in reply.get_data(as_text=True)
+            assert path == "/" or "error" in reply.json
     assert secured.client.get("/health", environ_base=REMOTE).status_code == 200
     assert secured.rt.jobs.count == 0  # nothing was enqueued
 
@@ -134,7 +140,7 @@ def test_a_user_reaches_only_projects_label_studio_lets_them_open(secured: Secur
         f"/api/projects/{secured.theirs}/similar", json={"task_id": 1}, headers=theirs
     )
     assert own.status_code == 200 and len(own.json["results"]) == 2
-    for method, path, body in routes(secured)[7:]:  # every project route of the admin's project
+    for method, path, body in routes(secured)[12:]:  # every project route of the admin's project
         reply = secured.client.open(path, method=method, json=body, headers=theirs)
         assert reply.status_code == 403, (path, reply.status_code)
         assert f"cannot open project {secured.mine}" in reply.json["error"]
@@ -145,6 +151,18 @@ def test_a_user_reaches_only_projects_label_studio_lets_them_open(secured: Secur
     )
     bad = secured.client.get("/api/projects", headers={"Authorization": "Token nope"})
     assert bad.status_code == 401 and "does not accept this token" in bad.json["error"]
+
+
+def test_the_sign_in_form_signs_in_without_any_script(secured: Secured) -> None:
+    page = secured.client.get("/", environ_base=REMOTE)
+    assert page.status_code == 401 and 'name="token"' in page.text
+    wrong = secured.client.post("/api/session", data={"token": "nope"})
+    assert wrong.status_code == 401 and "does not accept this token" in wrong.text
+    ok = secured.client.post("/api/session", data={"token": secured.other_token})
+    assert ok.status_code == 303 and ok.headers["Location"].endswith("/")
+    after = secured.client.get("/", environ_base=REMOTE)
+    assert after.status_code == 200 and 'id="results"' in after.text
+    assert secured.client.get("/assets/lookalike.js").status_code == 200
 
 
 def test_signing_in_keeps_the_token_server_side_and_signing_out_ends_it(secured: Secured) -> None:
@@ -159,6 +177,7 @@ def test_signing_in_keeps_the_token_server_side_and_signing_out_ends_it(secured:
     page = client.get("/api/projects", environ_base=REMOTE).json["projects"]
     assert [p["id"] for p in page] == [secured.theirs]
     for body in (client.get("/").text, client.get("/api/projects").text):
+        assert body
         assert secured.ls.api_key not in body and secured.other_token not in body
     client.delete("/api/session")
     assert client.get("/api/projects").status_code == 401

@@ -19,3 +19,13 @@ PRIORITY_LOCK_SECONDS = 120
 PRIORITY_LOCK_WAIT = 60
 # Label Studio API calls.
 LABEL_STUDIO_TIMEOUT = 30.0
+# Workers: a running job's heartbeat is renewed every WORKER_HEARTBEAT_SECONDS and expires after
+# WORKER_HEARTBEAT_TTL; abandoned jobs are looked for every WORKER_MAINTENANCE_SECONDS. So a
+# killed worker's job is retried (RQ Retry) by another worker within about 90 s.
+WORKER_HEARTBEAT_SECONDS = 15
+WORKER_HEARTBEAT_TTL = 60
+WORKER_MAINTENANCE_SECONDS = 30
+# Redis unreachable: a worker waits this long (doubling up to the cap) and starts again.
+REDIS_RECONNECT_DELAYS = (1, 2, 5, 10, 30)
+# Label Studio unreachable (or 5xx) during indexing or a sync: retried for about an hour.
+LABEL_STUDIO_OUTAGE_RETRY_DELAYS = (15, 30, 60, 120, 300, 600, 600, 600, 600, 600)

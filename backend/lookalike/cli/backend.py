@@ -100,21 +100,17 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from rq import SimpleWorker
-
     from lookalike.service import jobs
     from lookalike.service.metrics import setup_logging
     from lookalike.service.runtime import Runtime
+    from lookalike.service.worker import run_worker
 
     setup_logging(settings)
     rt = Runtime(settings)
     rt.embedder()  # load the model up front: fail fast with a clear message if it cannot
     jobs.install(rt)
-    # SimpleWorker runs jobs in this process, so the model is loaded once, not per job.
-    worker = SimpleWorker([rt.jobs.queue], connection=rt.redis)
-    # RQ adds its own plain-text handler only when no handler is in effect; ours is on the root.
-    worker.work(burst=args.burst, with_scheduler=True, logging_level="INFO")
-    return 0
+    # Jobs run in this process, so the model is loaded once, not per job.
+    return run_worker(settings.queue_name, rt.redis, burst=args.burst)
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:

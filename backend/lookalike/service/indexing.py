@@ -22,12 +22,19 @@ from lookalike.service.ls_client import LabelStudioError, image_field
 from lookalike.service.metrics import record_indexing
 from lookalike.service.runtime import Runtime
 from lookalike.service.state import ModelConflictError, ProjectState
-from lookalike.timeouts import DOWNLOAD_RETRY_DELAYS, QUEUED_MARK_MAX_AGE
+from lookalike.timeouts import (
+    DOWNLOAD_RETRY_DELAYS,
+    LABEL_STUDIO_OUTAGE_RETRY_DELAYS,
+    QUEUED_MARK_MAX_AGE,
+)
 
 log = logging.getLogger(__name__)
 
 # Reasons worth retrying: the file may come back. A corrupt image will not fix itself.
 TRANSIENT_REASONS = frozenset({"timeout", "download_failed", "http_error", "unreadable"})
+# No answer at all (connection refused, timed out): Label Studio or the image host is down.
+# Retried on the outage schedule (about an hour), not turned into final failures in minutes.
+OUTAGE_REASONS = frozenset({"timeout", "download_failed"})
 LISTING_PROGRESS_EVERY = 1000
 
 Report = Callable[..., None]  # job progress: report(listed=..., indexed=...)
@@ -55,7 +62,8 @@ def sync_project(rt: Runtime, project: int, retry_failed: bool, report: Report =
     # list is then neither dropped as "gone" nor un-marked.
     indexed_before = state.vectors.ids()
     labeled_before = state.labeled.ids()
-    known_before = indexed_before | state.tasks.ids() | {f.task_id for f in state.failures.all()}
+    tasks_before = state.tasks.ids()
+    known_before = indexed_before | tasks_before | {f.task_id for f in state.failures.all()}
     tasks: dict[int, dict[str, Any]] = {}
     labeled: set[int] = set()
     for task in rt.ls.iter_tasks(project):
@@ -66,9 +74,9 @@ def sync_project(rt: Runtime, project: int, retry_failed: bool, report: Report =
         if len(tasks) % LISTING_PROGRESS_EVERY == 0:
             report(listed=len(tasks))
     indexed = state.vectors.ids()
-    state.replace_tasks(
-        set(tasks) | (indexed - indexed_before), labeled | (state.labeled.ids() - labeled_before)
-    )
+    # Tasks a webhook announced while we listed (Label Studio may list them only later) stay.
+    arrived = (indexed - indexed_before) | (state.tasks.ids() - tasks_before)
+    state.replace_tasks(set(tasks) | arrived, labeled | (state.labeled.ids() - labeled_before))
     gone = sorted(known_before - set(tasks))  # vectors, failures and priorities go too
     state.remove_tasks(gone)
     failures = state.failures.all()
@@ -77,7 +85,11 @@ def sync_project(rt: Runtime, project: int, retry_failed: bool, report: Report =
         skip = set()
     else:
         skip = {f.task_id for f in failures if f.final}
-    skip |= state.index_marks.recent(QUEUED_MARK_MAX_AGE)  # a sync during an import
+    if not retry_failed:
+        # An automatic sync during an import leaves queued tasks to their jobs; a person's sync
+        # (retry_failed) queues them again: their job may be gone with a dead worker, and
+        # indexing is idempotent per task id.
+        skip |= state.index_marks.recent(QUEUED_MARK_MAX_AGE)
     missing = [t for i, t in tasks.items() if i not in indexed and i not in skip]
     queue_index(rt, state, missing)
     state.meta.update(last_sync=time.time())
@@ -147,6 +159,7 @@ class ProjectStateWriter:
         self.indexed = 0
         self.failed = 0
         self.retry: list[dict[str, Any]] = []
+        self.outage = False  # some retried task got no answer at all
 
     def write(self, items: list[Item], vectors: np.ndarray) -> None:
         self.state.put_vectors([item.key for item in items], vectors, only_known=True)
@@ -157,11 +170,14 @@ class ProjectStateWriter:
             reason, message = error.reason, str(error)
         else:  # a bug or an unexpected library error: that task fails, not its batch
             reason, message = "error", f"error: {type(error).__name__}: {error}"
-        final = reason not in TRANSIENT_REASONS or self.attempt >= self.max_attempts
+        outage = reason in OUTAGE_REASONS
+        limit = len(LABEL_STUDIO_OUTAGE_RETRY_DELAYS) + 1 if outage else self.max_attempts
+        final = reason not in TRANSIENT_REASONS or self.attempt >= limit
         self.state.failures.record(item.key, message, self.attempt, final)
         self.failed += 1
         if not final:
             self.retry.append(item.source)
+            self.outage |= outage
         log.warning(
             "project %s task %s failed (attempt %d): %s",
             self.state.project,
@@ -205,7 +221,8 @@ def index_batch(
     retrying = {int(t["id"]) for t in writer.retry}
     state.index_marks.unmark(int(t["id"]) for t in tasks if int(t["id"]) not in retrying)
     if writer.retry:
-        delay = DOWNLOAD_RETRY_DELAYS[min(attempt, len(DOWNLOAD_RETRY_DELAYS)) - 1]
+        delays = LABEL_STUDIO_OUTAGE_RETRY_DELAYS if writer.outage else DOWNLOAD_RETRY_DELAYS
+        delay = delays[min(attempt, len(delays)) - 1]
         rt.jobs.retry_index(project, writer.retry, attempt + 1, delay)
     report(indexed=writer.indexed, failed=writer.failed)
     return {"indexed": writer.indexed, "failed": writer.failed, "retrying": len(writer.retry)}

@@ -15,7 +15,12 @@ from rq import Queue, Retry
 from rq.job import Job
 
 from lookalike.config import Settings
-from lookalike.timeouts import INDEX_BATCH_RETRY_DELAYS, INDEX_BATCH_TIMEOUT, SYNC_TIMEOUT
+from lookalike.timeouts import (
+    INDEX_BATCH_RETRY_DELAYS,
+    INDEX_BATCH_TIMEOUT,
+    LABEL_STUDIO_OUTAGE_RETRY_DELAYS,
+    SYNC_TIMEOUT,
+)
 
 _JOBS = "lookalike.service.jobs"
 SYNC = f"{_JOBS}.sync_project"
@@ -45,7 +50,14 @@ class JobQueue:
     def sync(self, project: int, retry_failed: bool = False) -> Job:
         """List the project's tasks, index the missing, drop the deleted (retry_failed: a
         person asked, so tasks that failed for good are tried again)."""
-        return self.queue.enqueue(SYNC, project, retry_failed, job_timeout=SYNC_TIMEOUT)
+        # A sync that fails because Label Studio is away is tried again until it is back.
+        retry = Retry(
+            max=len(LABEL_STUDIO_OUTAGE_RETRY_DELAYS),
+            interval=list(LABEL_STUDIO_OUTAGE_RETRY_DELAYS),
+        )
+        return self.queue.enqueue(
+            SYNC, project, retry_failed, job_timeout=SYNC_TIMEOUT, retry=retry
+        )
 
     def reindex(self, project: int) -> Job:
         return self.queue.enqueue(REINDEX, project, job_timeout=SYNC_TIMEOUT)

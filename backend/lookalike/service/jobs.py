@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import redis
 from rq import get_current_job
 
 from lookalike.service import autoprioritize, indexing, protocol
@@ -47,7 +48,10 @@ def _report(**values: Any) -> None:
     job = get_current_job()
     if job is not None:
         job.meta.update(values)
-        job.save_meta()
+        try:
+            job.save_meta()
+        except redis.RedisError as exc:  # progress is cosmetic: the work itself goes on
+            log.warning("could not report progress: %s", exc)
 
 
 def sync_project(project: int, retry_failed: bool = False) -> dict[str, int]:

@@ -4,7 +4,8 @@
 - The ML-backend protocol (`/setup`, `/predict`, `/webhook`, `/versions`) is Label Studio's:
   HTTP basic auth with BASIC_AUTH_USER / BASIC_AUTH_PASS.
 - `/metrics` is open, or needs `Bearer LOOKALIKE_METRICS_TOKEN` when that is set.
-- The page's HTML and assets are open (they hold no data); `/api/session` signs in and out.
+- `/` answers 401 with a sign-in form until one signs in (`/api/session`, with one's Label
+  Studio token); the page's assets need a session too.
 - Every other route acts for a Label Studio user: their token (`Authorization: Token ...` or
   `Bearer ...`, or a session cookie from signing in), and a project only if Label Studio lets
   that user open it. Searches, queueing, syncs and thumbnails are rate-limited per user.
@@ -28,7 +29,8 @@ from lookalike.service.auth import (
 from lookalike.web.context import services
 
 SESSION_COOKIE = "lookalike_session"
-OPEN = {"protocol.health", "page.index", "page.static", "page.session"}
+OPEN = {"protocol.health", "page.session"}  # signing in is how credentials arrive
+SIGN_IN_PAGE = {"page.index"}  # 401 with the sign-in form until signed in
 LABEL_STUDIO = {"protocol.setup", "protocol.predict", "protocol.webhook", "protocol.versions"}
 METRICS = {"api.metrics"}
 # Rate-limit kind per route (per user and minute; thumbnails have their own, larger budget).
@@ -69,6 +71,8 @@ def _check():
             raise NotSignedInError("/metrics needs Authorization: Bearer <LOOKALIKE_METRICS_TOKEN>")
         return None
     identity = current_identity()
+    if identity is None and endpoint in SIGN_IN_PAGE:
+        return None  # the route answers 401 with the sign-in form
     if identity is None:
         raise NotSignedInError(
             "sign in on the search page, or send your Label Studio token "

@@ -6,10 +6,11 @@ this process with its own credentials, and images come back as re-encoded JPEG t
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, g, jsonify, render_template, request
+from flask import Blueprint, Response, g, jsonify, redirect, render_template, request, url_for
 
 from lookalike import __version__
 from lookalike.service import status
+from lookalike.service.auth import NotSignedInError
 from lookalike.web import access
 from lookalike.web.context import json_body, services
 
@@ -24,6 +25,8 @@ blueprint = Blueprint(
 
 @blueprint.get("/")
 def index():
+    if services().rt.settings.auth_enabled and g.get("identity") is None:
+        return render_template("signin.html", error=None), 401
     response = Response(render_template("index.html", version=__version__))
     response.headers["Cache-Control"] = "no-cache"
     return response
@@ -34,8 +37,19 @@ def session():
     """Sign in (POST {"token": "<your Label Studio token>"}), who am I (GET), sign out."""
     svc = services()
     if request.method == "POST":
-        identity = svc.auth.identify(str(json_body().get("token") or ""))
-        response = jsonify(user={"id": identity.user_id, "email": identity.email})
+        # From the sign-in page's plain HTML form, or JSON from the page's script.
+        from_form = request.mimetype == "application/x-www-form-urlencoded"
+        token = request.form.get("token") if from_form else json_body().get("token")
+        try:
+            identity = svc.auth.identify(str(token or ""))
+        except NotSignedInError as exc:
+            if not from_form:
+                raise
+            return render_template("signin.html", error=str(exc)), 401
+        if from_form:
+            response = redirect(url_for("page.index"), 303)
+        else:
+            response = jsonify(user={"id": identity.user_id, "email": identity.email})
         response.set_cookie(
             access.SESSION_COOKIE,
             svc.sessions.start(identity),
@@ -46,6 +60,8 @@ def session():
         )
         return response
     if request.method == "DELETE":
+        if svc.rt.settings.auth_enabled and access.current_identity() is None:
+            raise NotSignedInError("not signed in")
         svc.sessions.end(request.cookies.get(access.SESSION_COOKIE, ""))
         response = jsonify(signed_out=True)
         response.delete_cookie(access.SESSION_COOKIE)

@@ -2,15 +2,18 @@
 worker` subprocesses. A worker SIGKILLed in the middle of a batch: its tasks are indexed by a
 replacement worker within about two minutes, by themselves, exactly once.
 
-(The Label Studio outage is exercised in process against the recorded fake, see
-tests/test_web_label_studio.py; a Redis restart and the rest of the fault list are not here yet.)
+A Redis restart (append-only file) in the middle of indexing: the worker and the web process
+ride it out. (The Label Studio outage is exercised in process against the recorded fake, see
+tests/test_web_label_studio.py.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -116,3 +119,80 @@ def test_a_worker_killed_mid_batch_loses_nothing(stack: Stack) -> None:
     assert connection.hlen(f"lookalike:project:{project}:vectors") == TASKS  # exactly once
     print(f"worker SIGKILL mid-batch: all {TASKS} tasks indexed {recovery:.0f} s after the kill")
     assert recovery < 150
+
+
+class RestartableRedis:
+    """redis-server with an append-only file on a fixed port and directory, so it can be shut
+    down and started again as a real deployment's Redis would be."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        argv = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
+                "--appendonly", "yes", "--save", "", "--dir", str(self.root)]  # fmt: skip
+        log = open(self.root / "redis.log", "ab")  # noqa: SIM115 (the process owns it)
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
+        wait_for(lambda: self._ping(), 20, "redis-server")
+
+    def stop(self) -> None:
+        """SHUTDOWN: the append-only file is flushed, then the server exits."""
+        with contextlib.suppress(redis.ConnectionError):  # it answers by hanging up
+            redis.Redis.from_url(self.url).shutdown()
+        assert self.proc is not None
+        self.proc.wait(timeout=30)
+
+    def _ping(self) -> bool:
+        try:
+            return bool(redis.Redis.from_url(self.url, socket_timeout=1).ping())
+        except redis.RedisError:
+            return False
+
+
+def test_a_redis_restart_mid_indexing_needs_no_hand(stack: Stack, tmp_path: Path) -> None:
+    """Redis shut down for 10 s while a worker indexes: the worker rides it out, the web
+    process answers 503 meanwhile and recovers, every task ends up indexed exactly once."""
+    store = RestartableRedis(tmp_path)
+    store.start()
+    env = {**stack.env, "REDIS_URL": store.url}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    admin = {"Authorization": f"Token {stack.ls.api_key}"}
+    try:
+        with (
+            lookalike_process(
+                ["serve", "--host", "127.0.0.1", "--port", str(port)], env, tmp_path / "serve.log"
+            ) as serve,
+            lookalike_process(["worker"], env, tmp_path / "worker.log") as worker,
+        ):
+            wait_http(f"{url}/health", 120, proc=serve, log_path=tmp_path / "serve.log")
+            project = create_project(stack.ls, "redis restart")
+            upload(stack.ls, project, generated_photos(TASKS, seed=2))
+            connect(stack.ls, project, url, "lookalike")
+            status_url = f"{url}/api/projects/{project}/index-status"
+            connection = redis.Redis.from_url(store.url)
+            wait_for(lambda: index_batch_running(connection), 120, "a running index batch")
+            store.stop()
+            down_at = time.monotonic()
+            reply = requests.get(status_url, headers=admin, timeout=30)
+            assert reply.status_code == 503 and "Redis" in reply.json()["error"]
+            time.sleep(10)
+            store.start()
+
+            def indexed() -> bool:
+                reply = requests.get(status_url, headers=admin, timeout=30)
+                return reply.status_code == 200 and reply.json()["indexed"] == TASKS
+
+            wait_for(indexed, 240, "indexing after the Redis restart")
+            recovery = time.monotonic() - down_at
+            assert worker.poll() is None, "the worker exited"
+            status = requests.get(status_url, headers=admin, timeout=30).json()
+            assert (status["failed"], status["pending"]) == (0, 0), status
+            assert connection.hlen(f"lookalike:project:{project}:vectors") == TASKS
+            print(f"Redis down 10 s mid-indexing: all {TASKS} tasks indexed {recovery:.0f} s later")
+    finally:
+        if store.proc is not None and store.proc.poll() is None:
+            store.proc.terminate()
+            store.proc.wait(timeout=30)

@@ -64,13 +64,13 @@ def run_worker(
     by hand). Jobs that were running are found abandoned and retried after Redis is back."""
     attempt = 0
     while True:
-        worker = HeartbeatWorker(
-            [Queue(queue_name, connection=connection)],
-            connection=connection,
-            worker_ttl=WORKER_HEARTBEAT_TTL,
-            maintenance_interval=WORKER_MAINTENANCE_SECONDS,
-        )
         try:
+            worker = HeartbeatWorker(
+                [Queue(queue_name, connection=connection)],
+                connection=connection,
+                worker_ttl=WORKER_HEARTBEAT_TTL,
+                maintenance_interval=WORKER_MAINTENANCE_SECONDS,
+            )
             worker.work(burst=burst, with_scheduler=scheduler, logging_level="INFO")
             return 0
         except (redis.ConnectionError, redis.TimeoutError) as exc:

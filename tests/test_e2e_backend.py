@@ -559,7 +559,7 @@ def test_rest_api_errors_are_json_4xx(indexed: Stack) -> None:
     response = requests.post(
         f"{photos.url}/api/projects/999/similar", json={"task_id": 1}, timeout=10
     )
-    assert 400 <= response.status_code < 500 and "no index" in response.json()["error"]
+    assert response.status_code == 404 and "does not know project" in response.json()["error"]
 
 
 def test_rest_search_by_image_upload_and_queue(indexed: Stack) -> None:

@@ -180,8 +180,17 @@ def test_similar_refuses_bad_bodies_with_json(
     assert reply.status_code == status and fragment in reply.json["error"], reply.json
 
 
-def test_similar_in_a_project_with_no_index_is_a_409(client: FlaskClient) -> None:
-    reply = client.post("/api/projects/99/similar", json={"task_id": 1})
+def test_a_project_lookalike_does_not_know_is_a_404(client: FlaskClient) -> None:
+    for path, body in [("similar", {"task_id": 1}), ("queue", {}), ("reindex", {})]:
+        reply = client.post(f"/api/projects/99/{path}", json=body)
+        assert reply.status_code == 404 and "does not know project 99" in reply.json["error"]
+
+
+def test_similar_in_a_known_project_with_no_index_yet_is_a_409(
+    client: FlaskClient, rt: Runtime
+) -> None:
+    rt.state(98).replace_tasks([1, 2], labeled=[])  # connected, nothing indexed yet
+    reply = client.post("/api/projects/98/similar", json={"task_id": 1})
     assert reply.status_code == 409 and "no index yet" in reply.json["error"]
 
 
@@ -199,7 +208,8 @@ def test_index_status_counts(client: FlaskClient, indexed: np.ndarray, rt: Runti
 
 
 def test_sync_and_reindex_enqueue_jobs(client: FlaskClient, rt: Runtime) -> None:
-    sync = client.post(f"/api/projects/{PROJECT}/sync")
+    sync = client.post(f"/api/projects/{PROJECT}/sync")  # also starts an unknown project
+    rt.state(PROJECT).replace_tasks([1], labeled=[])  # known: it may be reindexed
     reindex = client.post(f"/api/projects/{PROJECT}/reindex")
     assert sync.status_code == reindex.status_code == 202
     jobs = {j.id: j for j in rt.jobs.queue.get_jobs()}

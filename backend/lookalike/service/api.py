@@ -26,6 +26,7 @@ THUMBNAIL_TTL = 600.0
 
 def similar(service: SimilarityService, project: int, body: dict[str, Any]) -> dict[str, Any]:
     """`POST /api/projects/{id}/similar`: search, and with `queue` also fill a tab."""
+    require_known_project(service, project)
     query = SimilarQuery.from_json(body)
     k = body.get("k", service.rt.settings.similar_k)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
@@ -49,6 +50,7 @@ def similar(service: SimilarityService, project: int, body: dict[str, Any]) -> d
 
 def queue_results(service: SimilarityService, project: int, body: dict[str, Any]) -> dict[str, Any]:
     """`POST /api/projects/{id}/queue`: put exactly the given results in the tab `title`."""
+    require_known_project(service, project)
     title = body.get("title")
     if not isinstance(title, str) or not title.strip() or len(title) > MAX_TITLE_CHARS:
         raise BadRequestError(
@@ -151,3 +153,9 @@ def require_known_project(service: SimilarityService, project: int) -> None:
             f"Lookalike does not know project {project}: connect the backend to it in Label "
             f"Studio, or POST /api/projects/{project}/sync"
         )
+
+
+def reindex(service: SimilarityService, project: int) -> str:
+    """`POST /api/projects/{id}/reindex`: forget the vectors and index again; the job id."""
+    require_known_project(service, project)
+    return service.rt.jobs.reindex(project).id

@@ -34,7 +34,7 @@ def sync(project: int):
 
 @blueprint.post("/api/projects/<int:project>/reindex")
 def reindex(project: int):
-    return jsonify(job_id=services().rt.jobs.reindex(project).id), 202
+    return jsonify(job_id=api.reindex(services().similarity, project)), 202
 
 
 @blueprint.get("/metrics")

@@ -114,9 +114,15 @@ def test_a_worker_killed_mid_batch_loses_nothing(stack: Stack) -> None:
     with lookalike_process(["worker"], stack.env, stack.root / "replacement.log"):
         wait_for(lambda: stack.status(project)["indexed"] == TASKS or None, 180, "recovery")
         recovery = time.monotonic() - killed_at
-    status = stack.status(project)
-    assert (status["indexed"], status["failed"], status["pending"]) == (TASKS, 0, 0), status
-    assert connection.hlen(f"lookalike:project:{project}:vectors") == TASKS  # exactly once
+        status = stack.status(project)
+        assert (status["indexed"], status["failed"], status["pending"]) == (TASKS, 0, 0), status
+        assert connection.hlen(f"lookalike:project:{project}:vectors") == TASKS  # exactly once
+
+        # The dead worker no longer counts (its registration lapsed): only the replacement.
+        def one_worker() -> bool:
+            return requests.get(f"{stack.url}/api/jobs", timeout=10).json()["workers"] == 1
+
+        wait_for(one_worker, 120, "the dead worker to leave")
     print(f"worker SIGKILL mid-batch: all {TASKS} tasks indexed {recovery:.0f} s after the kill")
     assert recovery < 150
 

@@ -195,7 +195,11 @@ class Collection:
         _, last_reversed = np.unique(id_array[::-1], return_index=True)
         keep = np.sort(len(id_array) - 1 - last_reversed)
         with self._lock:
-            self._index.remove_ids(id_array)
+            # remove_ids scans the whole index (O(N)); only pay it for ids really being
+            # replaced, so adding a new task stays O(1) however large the collection is.
+            present = self._present(id_array)
+            if len(present):
+                self._index.remove_ids(present)
             self._index.add_with_ids(array[keep], id_array[keep])
             self._id_set.update(id_array.tolist())
             if payloads is not None:
@@ -205,11 +209,19 @@ class Collection:
     def remove(self, ids: Iterable[int]) -> int:
         id_array = _as_ids(ids)
         with self._lock:
-            removed = int(self._index.remove_ids(id_array))
+            present = self._present(id_array)
+            # Skip the O(N) scan when none of the ids is here (e.g. a replayed removal).
+            removed = int(self._index.remove_ids(present)) if len(present) else 0
             for key in id_array.tolist():
                 self._id_set.discard(key)
                 self.payloads.pop(key, None)
         return removed
+
+    def _present(self, id_array: np.ndarray) -> np.ndarray:
+        """The ids of `id_array` that this collection holds (O(len(id_array)))."""
+        return np.fromiter(
+            (i for i in dict.fromkeys(id_array.tolist()) if i in self._id_set), dtype=np.int64
+        )
 
     def get(self, item_id: int) -> np.ndarray:
         with self._lock:

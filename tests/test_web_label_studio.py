@@ -417,3 +417,16 @@ def test_a_task_announced_while_a_sync_lists_the_project_is_kept(world: World, p
     assert 999 in world.rt.state(world.project).tasks
     world.run_jobs()
     assert 999 in world.rt.state(world.project).vectors.ids()
+
+
+def test_the_task_file_cache_stays_under_its_limit(world: World, tmp_path: Path, photos) -> None:
+    """Every download goes through the per-process cache; it never grows past its limit."""
+    cache = tmp_path / "cache"
+    limit = 600_000  # one or two of these photos
+    sizes = []
+    for name in ("astronaut", "coffee", "rocket", "chelsea"):
+        task = world.ls.tasks[world.task[name]]
+        raw = world.rt.ls.task_image_bytes(task, "image", world.rt.limits, cache, limit)
+        assert raw == world.ls.files[task["data"]["image"]]  # the right bytes, cached or not
+        sizes.append(sum(f.stat().st_size for f in cache.iterdir()))
+    assert max(sizes) <= limit and len(list(cache.iterdir())) >= 1

@@ -44,6 +44,7 @@ class Settings:
         default=50 * 1024 * 1024, metadata={"env": "LOOKALIKE_MAX_DOWNLOAD_BYTES"}
     )
     download_timeout: float = field(default=20.0, metadata={"env": "LOOKALIKE_DOWNLOAD_TIMEOUT"})
+    task_cache_mb: int = field(default=512, metadata={"env": "LOOKALIKE_TASK_CACHE_MB"})
     redis_url: str = field(default="redis://localhost:6379/0", metadata={"env": "REDIS_URL"})
     label_studio_url: str = field(
         default="http://localhost:8080", metadata={"env": "LABEL_STUDIO_URL"}

@@ -141,7 +141,11 @@ class TaskImageReader:
     def load(self, item: Item, draft_size: int | None) -> Image.Image:
         try:
             raw = self.rt.ls.task_image_bytes(
-                item.source, self.image_key, self.rt.limits, self.cache_dir
+                item.source,
+                self.image_key,
+                self.rt.limits,
+                self.cache_dir,
+                self.rt.settings.task_cache_mb * 1024**2,
             )
         except LabelStudioError as exc:
             raise ImageLoadError("download_failed", str(exc)) from exc

@@ -167,9 +167,15 @@ class LabelStudioClient:
 
     # ----------------------------------------------------------------- files
     def task_image_bytes(
-        self, task: dict[str, Any], data_key: str, limits: ImageLimits, cache_dir: Path
+        self,
+        task: dict[str, Any],
+        data_key: str,
+        limits: ImageLimits,
+        cache_dir: Path,
+        cache_bytes: int = 512 * 1024 * 1024,
     ) -> bytes:
-        """The bytes of a task's image, wherever Label Studio keeps it."""
+        """The bytes of a task's image, wherever Label Studio keeps it. Downloads go through
+        `cache_dir`, kept under `cache_bytes` (least recently used files go first)."""
         data = task.get("data") or {}
         url = data.get(data_key)
         if not isinstance(url, str) or not url.strip():
@@ -197,7 +203,10 @@ class LabelStudioClient:
             )
         except Exception as exc:  # the SDK raises many kinds (HTTP, FileNotFound, ValueError)
             raise ImageLoadError("download_failed", f"cannot fetch {url}: {exc}") from exc
-        return read_source(path, limits)
+        try:
+            return read_source(path, limits)
+        finally:
+            _trim_cache(cache_dir, cache_bytes, keep=Path(path))
 
     # ----------------------------------------------------------------- tabs
     def upsert_view(
@@ -353,3 +362,23 @@ class LabelStudioClient:
         if isinstance(model, dict):
             return model
         return model.model_dump() if hasattr(model, "model_dump") else model.dict()
+
+
+def _trim_cache(directory: Path, limit: int, keep: Path) -> None:
+    """Delete the least recently used files until `directory` holds at most `limit` bytes
+    (`keep`, the file just used, stays unless it alone is over the limit)."""
+    try:
+        files = [(f.stat(), f) for f in directory.iterdir() if f.is_file()]
+    except OSError:
+        return
+    total = sum(stat.st_size for stat, _ in files)
+    for stat, path in sorted(files, key=lambda item: item[0].st_mtime):
+        if total <= limit:
+            break
+        if path == keep and stat.st_size <= limit:
+            continue  # the file just used stays, unless it alone is over the limit
+        try:
+            path.unlink()
+            total -= stat.st_size
+        except OSError:
+            pass  # another process took it first

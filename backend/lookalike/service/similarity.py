@@ -152,7 +152,9 @@ class SimilarityService:
         key = image_key(self.rt, self.rt.state(project))
         cache_dir = self.rt.task_files_dir / str(project)
         try:
-            return self.rt.ls.task_image_bytes(task, key, self.rt.limits, cache_dir)
+            return self.rt.ls.task_image_bytes(
+                task, key, self.rt.limits, cache_dir, self.rt.settings.task_cache_mb * 1024**2
+            )
         except ImageLoadError as exc:
             message = self.rt.ls.scrub(f"task {task.get('id')} image: {exc}")
             raise TaskImageError(message, exc.reason) from None

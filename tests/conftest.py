@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -80,3 +81,22 @@ def motorcycle_right() -> Image.Image:
     from skimage import data
 
     return Image.fromarray(data.stereo_motorcycle()[1]).convert("RGB")
+
+
+def digit_images(per_class: int, seed: int) -> tuple[list[Image.Image], np.ndarray]:
+    """`per_class` real handwritten digits of each class from scikit-learn (8x8 scans, shown
+    as 96x96 RGB), picked with `seed`; and their labels (0-9)."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    rng = np.random.default_rng(seed)
+    picked = np.concatenate(
+        [rng.choice(np.flatnonzero(data.target == c), per_class, replace=False) for c in range(10)]
+    )
+    images = [
+        Image.fromarray((data.images[i] * 255 / 16).astype(np.uint8))
+        .convert("RGB")
+        .resize((96, 96))
+        for i in picked
+    ]
+    return images, data.target[picked]

@@ -33,6 +33,7 @@ from lookalike_dev.devstack import (
 __all__ = [
     "LabelStudioServer",
     "ServiceError",
+    "backend_env",
     "free_port",
     "label_studio_available",
     "label_studio_server",
@@ -43,6 +44,7 @@ __all__ = [
     "ls_venv",
     "redis_available",
     "redis_server",
+    "serving",
     "start_local_http_server",
     "stop_process_group",
     "wait_http",
@@ -90,3 +92,38 @@ def local_http_server(directory: str | os.PathLike[str]) -> Iterator[str]:
         yield url
     finally:
         stop()
+
+
+# --------------------------------------------------------------------------------------------
+# the backend under test
+
+
+def backend_env(
+    root: Path,
+    ls: LabelStudioServer,
+    redis_url: str,
+    weights: str | os.PathLike[str] | None = None,
+    **extra: str,
+) -> dict[str, str]:
+    """The environment of `lookalike serve` / `worker` against these services; with `weights`,
+    EfficientNet-Lite0 with those real ImageNet weights. `extra`: more settings."""
+    env = {
+        "REDIS_URL": redis_url,
+        "LABEL_STUDIO_URL": ls.url,
+        "LABEL_STUDIO_API_KEY": ls.api_key,
+        "LOOKALIKE_DATA_DIR": str(root / "data"),
+    }
+    if weights is not None:
+        env |= {"LOOKALIKE_MODEL": "timm:efficientnet_lite0", "LOOKALIKE_WEIGHTS": str(weights)}
+    return env | extra
+
+
+@contextlib.contextmanager
+def serving(env: dict[str, str], log_path: Path, timeout: float = 120) -> Iterator[str]:
+    """`lookalike serve` on a free port of 127.0.0.1, healthy; yields its base URL."""
+    port = free_port()
+    argv = ["serve", "--host", "127.0.0.1", "--port", str(port)]
+    with lookalike_process(argv, env, log_path) as serve:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/health", timeout, proc=serve, log_path=log_path)
+        yield url

@@ -25,11 +25,11 @@ import pytest
 import requests
 from tests.services import (
     LabelStudioServer,
-    free_port,
+    backend_env,
     label_studio_server,
     lookalike_process,
     redis_server,
-    wait_http,
+    serving,
 )
 from tests.test_e2e_backend import (
     PHOTOS,
@@ -75,36 +75,18 @@ def editor_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EditorSta
     files = {f"{n}.jpg": jpeg_bytes(photo(n)) for n in NAMES}
     files |= {f"{n}_copy.jpg": jpeg_bytes(augmented(photo(n))) for n in NAMES}
     with redis_server(root / "redis") as redis_url, label_studio_server(root / "ls") as ls:
-        common = {
-            "REDIS_URL": redis_url,
-            "LABEL_STUDIO_URL": ls.url,
-            "LABEL_STUDIO_API_KEY": ls.api_key,
-            "LOOKALIKE_DATA_DIR": str(root / "data"),
-        }
-        lite0 = {
-            **common,
-            "LOOKALIKE_MODEL": "timm:efficientnet_lite0",
-            "LOOKALIKE_WEIGHTS": str(weights),
-        }
-        clip = {**common, "LOOKALIKE_MODEL": "open_clip:ViT-B-32/random", "LOOKALIKE_QUEUE": "clip"}
-        ports = free_port(), free_port()
+        lite0 = backend_env(root, ls, redis_url, weights)
+        clip = backend_env(
+            root, ls, redis_url, LOOKALIKE_MODEL="open_clip:ViT-B-32/random", LOOKALIKE_QUEUE="clip"
+        )
         with (
             lookalike_process(["worker"], lite0, root / "worker.log"),
             lookalike_process(["worker"], clip, root / "clip-worker.log"),
-            lookalike_process(
-                ["serve", "--host", "127.0.0.1", "--port", str(ports[0])], lite0, root / "s.log"
-            ) as serve,
-            lookalike_process(
-                ["serve", "--host", "127.0.0.1", "--port", str(ports[1])], clip, root / "c.log"
-            ) as clip_serve,
+            serving(lite0, root / "serve.log") as lite0_url,
+            serving(clip, root / "clip-serve.log") as clip_url,
         ):
             projects = []
-            for port, proc, log, title in [
-                (ports[0], serve, root / "s.log", "Editor photos"),
-                (ports[1], clip_serve, root / "c.log", "Editor text"),
-            ]:
-                url = f"http://127.0.0.1:{port}"
-                wait_http(f"{url}/health", 120, proc=proc, log_path=log)
+            for url, title in [(lite0_url, "Editor photos"), (clip_url, "Editor text")]:
                 project = create_project(ls, title)
                 upload(ls, project, files)
                 connect(ls, project, url, "lookalike")

@@ -20,12 +20,12 @@ import pytest
 import requests
 from tests.services import (
     LabelStudioServer,
-    free_port,
+    backend_env,
     label_studio_server,
     lookalike_process,
     ls_venv,
     redis_server,
-    wait_http,
+    serving,
 )
 from tests.test_e2e_backend import (
     augmented,
@@ -91,25 +91,13 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
     files = {f"{n}.jpg": jpeg_bytes(photo(n)) for n in ("chelsea", "coffee", "rocket")}
     files["chelsea_copy.jpg"] = jpeg_bytes(augmented(photo("chelsea")))
     with redis_server(root / "redis") as redis_url, label_studio_server(root / "ls") as ls:
-        env = {
-            "REDIS_URL": redis_url,
-            "LABEL_STUDIO_URL": ls.url,
-            "LABEL_STUDIO_API_KEY": ls.api_key,
-            "LOOKALIKE_DATA_DIR": str(root / "data"),
-            "LOOKALIKE_MODEL": "timm:efficientnet_lite0",
-            "LOOKALIKE_WEIGHTS": str(weights),
-            "BASIC_AUTH_USER": AUTH[0],
-            "BASIC_AUTH_PASS": AUTH[1],
-        }
-        port = free_port()
+        env = backend_env(
+            root, ls, redis_url, weights, BASIC_AUTH_USER=AUTH[0], BASIC_AUTH_PASS=AUTH[1]
+        )
         with (
             lookalike_process(["worker"], env, root / "worker.log"),
-            lookalike_process(
-                ["serve", "--host", "127.0.0.1", "--port", str(port)], env, root / "serve.log"
-            ) as serve,
+            serving(env, root / "serve.log") as url,
         ):
-            url = f"http://127.0.0.1:{port}"
-            wait_http(f"{url}/health", 120, proc=serve, log_path=root / "serve.log")
             project = create_project(ls, "Secured")
             upload(ls, project, files)
             connect(ls, project, url, "lookalike", AUTH)

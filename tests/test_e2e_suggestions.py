@@ -12,11 +12,11 @@ import pytest
 import requests
 from tests.services import (
     LabelStudioServer,
-    free_port,
+    backend_env,
     label_studio_server,
     lookalike_process,
     redis_server,
-    wait_http,
+    serving,
 )
 from tests.test_e2e_backend import (
     augmented,
@@ -65,24 +65,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     files |= {f"{n}_copy.jpg": jpeg_bytes(augmented(photo(n))) for n in LABELED}
     files["rocket_again.jpg"] = jpeg_bytes(photo("rocket").rotate(3))
     with redis_server(root / "redis") as redis_url, label_studio_server(root / "ls") as ls:
-        env = {
-            "REDIS_URL": redis_url,
-            "LABEL_STUDIO_URL": ls.url,
-            "LABEL_STUDIO_API_KEY": ls.api_key,
-            "LOOKALIKE_DATA_DIR": str(root / "data"),
-            "LOOKALIKE_MODEL": "timm:efficientnet_lite0",
-            "LOOKALIKE_WEIGHTS": str(weights),
-            "LOOKALIKE_SUGGEST_K": "3",
-        }
-        port = free_port()
+        env = backend_env(root, ls, redis_url, weights, LOOKALIKE_SUGGEST_K="3")
         with (
             lookalike_process(["worker"], env, root / "worker.log"),
-            lookalike_process(
-                ["serve", "--host", "127.0.0.1", "--port", str(port)], env, root / "serve.log"
-            ) as serve,
+            serving(env, root / "serve.log") as url,
         ):
-            url = f"http://127.0.0.1:{port}"
-            wait_http(f"{url}/health", 120, proc=serve, log_path=root / "serve.log")
             response = ls.request(
                 "POST", "/api/projects/", json={"title": "Kinds", "label_config": CHOICES_CONFIG}
             )

@@ -27,11 +27,12 @@ from PIL import Image
 from rq import Queue
 from tests.services import (
     LabelStudioServer,
+    backend_env,
     free_port,
     label_studio_server,
     lookalike_process,
     redis_server,
-    wait_http,
+    serving,
 )
 from tests.test_e2e_backend import connect, create_project, upload, wait_for
 
@@ -81,21 +82,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("faults")
     weights = convert_efficientnet_lite0(root / "efficientnet_lite0.pth")
     with redis_server(root / "redis") as redis_url, label_studio_server(root / "ls") as ls:
-        env = {
-            "REDIS_URL": redis_url,
-            "LABEL_STUDIO_URL": ls.url,
-            "LABEL_STUDIO_API_KEY": ls.api_key,
-            "LOOKALIKE_DATA_DIR": str(root / "data"),
-            "LOOKALIKE_MODEL": "timm:efficientnet_lite0",
-            "LOOKALIKE_WEIGHTS": str(weights),
-            "LOOKALIKE_INDEX_BATCH": "16",
-        }
-        port = free_port()
-        with lookalike_process(
-            ["serve", "--host", "127.0.0.1", "--port", str(port)], env, root / "serve.log"
-        ) as serve:
-            url = f"http://127.0.0.1:{port}"
-            wait_http(f"{url}/health", 120, proc=serve, log_path=root / "serve.log")
+        env = backend_env(root, ls, redis_url, weights, LOOKALIKE_INDEX_BATCH="16")
+        with serving(env, root / "serve.log") as url:
             yield Stack(ls, url, redis_url, env, root)
 
 
@@ -163,17 +151,12 @@ def test_a_redis_restart_mid_indexing_needs_no_hand(stack: Stack, tmp_path: Path
     store = RestartableRedis(tmp_path)
     store.start()
     env = {**stack.env, "REDIS_URL": store.url}
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     admin = {"Authorization": f"Token {stack.ls.api_key}"}
     try:
         with (
-            lookalike_process(
-                ["serve", "--host", "127.0.0.1", "--port", str(port)], env, tmp_path / "serve.log"
-            ) as serve,
+            serving(env, tmp_path / "serve.log") as url,
             lookalike_process(["worker"], env, tmp_path / "worker.log") as worker,
         ):
-            wait_http(f"{url}/health", 120, proc=serve, log_path=tmp_path / "serve.log")
             project = create_project(stack.ls, "redis restart")
             upload(stack.ls, project, generated_photos(TASKS, seed=2))
             connect(stack.ls, project, url, "lookalike")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
+from tests.conftest import digit_images
 
 from lookalike.core.query import QueryError, feedback_vector
 from lookalike.core.store import Collection
@@ -21,22 +21,10 @@ K = 10
 
 @pytest.fixture(scope="module")
 def digits(lite0_embedder, tmp_path_factory):
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    rng = np.random.default_rng(0)
-    picked = np.concatenate(
-        [rng.choice(np.flatnonzero(data.target == c), PER_CLASS, replace=False) for c in range(10)]
-    )
-    images = [
-        Image.fromarray((data.images[i] * 255 / 16).astype(np.uint8))
-        .convert("RGB")
-        .resize((96, 96))
-        for i in picked
-    ]
+    images, labels = digit_images(PER_CLASS, seed=0)
     collection = Collection(tmp_path_factory.mktemp("digits") / "d.lookalike", "lite0", 1280)
-    collection.upsert(range(len(picked)), lite0_embedder.embed_images(images))
-    return collection, data.target[picked]
+    collection.upsert(range(len(images)), lite0_embedder.embed_images(images))
+    return collection, labels
 
 
 def wrong(hits, labels, label) -> list[int]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
+from tests.conftest import digit_images
 
 from lookalike.service.suggestions import (
     PROMPT_TEMPLATES,
@@ -22,20 +22,8 @@ K = 10
 
 @pytest.fixture(scope="module")
 def digits(lite0_embedder):
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    rng = np.random.default_rng(1)
-    picked = np.concatenate(
-        [rng.choice(np.flatnonzero(data.target == c), PER_CLASS, replace=False) for c in range(10)]
-    )
-    images = [
-        Image.fromarray((data.images[i] * 255 / 16).astype(np.uint8))
-        .convert("RGB")
-        .resize((96, 96))
-        for i in picked
-    ]
-    return lite0_embedder.embed_images(images), [str(t) for t in data.target[picked]]
+    images, labels = digit_images(PER_CLASS, seed=1)
+    return lite0_embedder.embed_images(images), [str(t) for t in labels]
 
 
 def test_neighbours_suggest_the_right_digit_far_above_chance(digits) -> None:

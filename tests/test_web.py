@@ -130,7 +130,7 @@ def test_similar_by_task_finds_the_near_copy_and_skips_labeled_and_itself(
     ids = [r["task_id"] for r in results]
     assert ids[0] == 2 and 1 not in ids and 6 not in ids and sorted(ids) == [2, 3, 4, 5]
     expected = float(indexed[0] @ indexed[1])
-    assert results[0]["score"] == pytest.approx(expected, abs=1e-5)
+    assert results[0]["score"] == pytest.approx(expected, abs=5e-3)  # vectors are stored in 8 bits
     scores = [r["score"] for r in results]
     assert scores == sorted(scores, reverse=True)
 
@@ -149,7 +149,7 @@ def test_not_this_examples_move_the_query_and_are_never_results(
     assert {r["task_id"] for r in both} == {1, 2, 5}
     best = max(both, key=lambda r: r["score"])
     assert best["score"] == pytest.approx(
-        max(float(expected @ indexed[i - 1]) for i in (1, 2, 5)), abs=1e-5
+        max(float(expected @ indexed[i - 1]) for i in (1, 2, 5)), abs=5e-3
     )
 
 

@@ -57,6 +57,7 @@ class Settings:
     index_batch_size: int = field(default=64, metadata={"env": "LOOKALIKE_INDEX_BATCH"})
     max_attempts: int = field(default=3, metadata={"env": "LOOKALIKE_MAX_ATTEMPTS"})
     similar_k: int = field(default=20, metadata={"env": "LOOKALIKE_SIMILAR_K"})
+    exact_limit: int = field(default=100_000, metadata={"env": "LOOKALIKE_EXACT_LIMIT"})
     set_sampling: bool = field(default=True, metadata={"env": "LOOKALIKE_SET_SAMPLING"})
     auto_prioritize: bool = field(default=True, metadata={"env": "LOOKALIKE_AUTO_PRIORITIZE"})
     auto_k: int = field(default=10, metadata={"env": "LOOKALIKE_AUTO_K"})
@@ -122,6 +123,11 @@ class Settings:
     @property
     def collections_dir(self) -> Path:
         return self.data_dir / "collections"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        """Each web process's snapshots of project indexes (a cache: safe to delete)."""
+        return self.data_dir / "snapshots"
 
     @staticmethod
     def env_names() -> dict[str, str]:

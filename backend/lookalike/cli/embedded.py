@@ -9,13 +9,24 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lookalike.config import Settings
 from lookalike.errors import BadRequestError
 
+if TYPE_CHECKING:
+    from lookalike.core.store import VectorStore
+
 
 class CliError(BadRequestError):
     """A user-facing error: printed as one line, exit code 2."""
+
+
+def _store(settings: Settings) -> VectorStore:
+    from lookalike.core.store import VectorStore
+    from lookalike.core.vector_index import IndexPlan
+
+    return VectorStore(settings.collections_dir, IndexPlan(exact_limit=settings.exact_limit))
 
 
 def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
@@ -24,13 +35,11 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
     from lookalike.core.embedding import embedder_from_settings
     from lookalike.core.folder_index import index_folder
     from lookalike.core.images import ImageLimits
-    from lookalike.core.store import VectorStore
-
     for raw in args.paths:
         if not Path(raw).expanduser().exists():
             raise CliError(f"{raw} does not exist")
     embedder = embedder_from_settings(settings)
-    store = VectorStore(settings.collections_dir)
+    store = _store(settings)
     collection = store.open(args.collection, embedder.spec, embedder.dim)
     bar = tqdm(total=0, unit="img", desc="embedding", disable=args.quiet, file=sys.stderr)
 
@@ -78,9 +87,7 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
     from lookalike.core.embedding import embedder_from_settings
     from lookalike.core.images import ImageLimits
     from lookalike.core.query import Searcher, SearchOptions
-    from lookalike.core.store import VectorStore
-
-    store = VectorStore(settings.collections_dir)
+    store = _store(settings)
     collection = store.open(args.collection)
     searcher = Searcher(
         collection, lambda: embedder_from_settings(settings), ImageLimits.from_settings(settings)
@@ -125,9 +132,7 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_collections(args: argparse.Namespace, settings: Settings) -> int:
-    from lookalike.core.store import VectorStore
-
-    store = VectorStore(settings.collections_dir)
+    store = _store(settings)
     rows = []
     for name in store.names():
         collection = store.open(name)

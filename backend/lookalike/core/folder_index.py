@@ -137,14 +137,16 @@ class CollectionWriter:
         self.report.embedded += len(items)
         self.since_save += len(items)
         if self.since_save >= SAVE_EVERY:
-            self.collection.save()
-            self.since_save = 0
+            self.flush()
 
     def fail(self, item: Item, error: Exception) -> None:
         self.report.failed.append((str(item.source), str(error)))
         self.collection.remove([item.key])  # a changed file that broke: drop its stale vector
 
     def flush(self) -> None:
+        # Past the exact limit (or after 4x growth) train the compressed index before saving.
+        if self.collection.needs_rebuild():
+            self.collection.rebuild()
         self.collection.save()
         self.since_save = 0
 

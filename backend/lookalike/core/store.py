@@ -5,8 +5,9 @@ serialized FAISS index and a JSON header (model spec, dimension, per-id payloads
 writes a temporary file, fsyncs it and `os.replace`s it over the old one, so a crash mid-save
 leaves the previous version loadable and readers never see half a file.
 
-The index type is private to this module: today an exact inner-product `IndexFlatIP` wrapped
-in `IndexIDMap2` (vectors are L2-normalised, so inner product is cosine similarity).
+The search engine is `vector_index.VectorIndex`: exact below `IndexPlan.exact_limit` vectors,
+an 8-bit IVF index above it, O(1) per added or removed id either way. Files of format 1 (an
+exact `IndexIDMap2`) are migrated when loaded.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from typing import Any
 import faiss
 import numpy as np
 
+from lookalike.core.vector_index import IdBitmap, IndexPlan, VectorIndex
 from lookalike.errors import ConflictError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE_FORMATS = (1, 2)  # format 1: an IndexIDMap2 over IndexFlatIP, migrated on load
 SUFFIX = ".lookalike"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -77,12 +80,14 @@ class Collection:
     process; the backend's workers hold a Redis lock per project).
     """
 
-    def __init__(self, path: Path, model: str, dim: int) -> None:
+    def __init__(self, path: Path, model: str, dim: int, plan: IndexPlan | None = None) -> None:
         self.path = Path(path)
         self.model = model
         self.dim = int(dim)
-        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
-        self._id_set: set[int] = set()  # mirrors the index's ids, for O(1) membership
+        self.plan = plan or IndexPlan()
+        self._index = VectorIndex(self.dim, self.plan)
+        # Ids every search skips (a project's labeled tasks), kept current by the caller.
+        self.excluded = IdBitmap()
         self.payloads: dict[int, Any] = {}
         self.meta: dict[str, Any] = {}
         self._signature: _Signature | None = None  # of the file last loaded or saved
@@ -90,7 +95,7 @@ class Collection:
 
     # ----------------------------------------------------------------- persistence
     @classmethod
-    def load(cls, path: Path) -> Collection:
+    def load(cls, path: Path, plan: IndexPlan | None = None) -> Collection:
         try:
             # Stat the open file, not the path: a save landing between reading and stat-ing
             # would otherwise pair the old content with the new file's signature, and this
@@ -104,16 +109,22 @@ class Collection:
             raise
         except Exception as exc:
             raise StoreError(f"{path} is not a readable Lookalike collection: {exc}") from exc
-        if not isinstance(header, dict) or header.get("format") != FORMAT_VERSION:
-            found = header.get("format") if isinstance(header, dict) else None
-            raise StoreError(f"{path} has format {found}, expected {FORMAT_VERSION}")
+        found = header.get("format") if isinstance(header, dict) else None
+        if found not in _READABLE_FORMATS:
+            raise StoreError(
+                f"{path} has format {found}; this version reads {_READABLE_FORMATS}. "
+                "Re-create it with `lookalike index` (delete the file first)."
+            )
         try:
-            collection = cls(path, header["model"], header["dim"])
-            index = faiss.deserialize_index(index_bytes)
-            if index.d != collection.dim:
-                raise ValueError(f"index holds {index.d}-d vectors, header says {collection.dim}")
-            collection._index = index
-            collection._id_set = set(collection.ids().tolist())
+            collection = cls(path, header["model"], header["dim"], plan)
+            if found == 1:
+                collection._index = _migrated(faiss.deserialize_index(index_bytes), collection.plan)
+            else:
+                collection._index = VectorIndex.from_bytes(index_bytes, collection.plan)
+            if collection._index.dim != collection.dim:
+                raise ValueError(
+                    f"index holds {collection._index.dim}-d vectors, header says {collection.dim}"
+                )
             collection.payloads = {int(k): v for k, v in header.get("payloads", {}).items()}
         except Exception as exc:
             raise StoreError(f"{path} is not a readable Lookalike collection: {exc}") from exc
@@ -132,7 +143,7 @@ class Collection:
                 "meta": self.meta,
             }
             header_bytes = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
-            index_bytes = faiss.serialize_index(self._index)
+            index_bytes = self._index.to_bytes()
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp_name = tempfile.mkstemp(
                 prefix=self.path.name, suffix=".tmp", dir=self.path.parent
@@ -171,14 +182,28 @@ class Collection:
             )
 
     def __len__(self) -> int:
-        return int(self._index.ntotal)
+        return len(self._index)
 
     def __contains__(self, item_id: object) -> bool:
-        return isinstance(item_id, int | np.integer) and int(item_id) in self._id_set
+        return item_id in self._index
 
     def ids(self) -> np.ndarray:
-        with self._lock:
-            return faiss.vector_to_array(self._index.id_map).astype(np.int64)
+        return self._index.ids()
+
+    @property
+    def index_kind(self) -> str:
+        return self._index.kind
+
+    def needs_rebuild(self) -> bool:
+        return self._index.needs_rebuild()
+
+    def rebuild(self) -> bool:
+        """Re-choose and re-train the index for the current size (searches go on meanwhile)."""
+        return self._index.rebuild()
+
+    def train(self, sample: np.ndarray, expected: int) -> None:
+        """Before a bulk load into an empty collection: see VectorIndex.train."""
+        self._index.train(_as_vectors(sample, self.dim), expected)
 
     def upsert(
         self,
@@ -195,13 +220,7 @@ class Collection:
         _, last_reversed = np.unique(id_array[::-1], return_index=True)
         keep = np.sort(len(id_array) - 1 - last_reversed)
         with self._lock:
-            # remove_ids scans the whole index (O(N)); only pay it for ids really being
-            # replaced, so adding a new task stays O(1) however large the collection is.
-            present = self._present(id_array)
-            if len(present):
-                self._index.remove_ids(present)
-            self._index.add_with_ids(array[keep], id_array[keep])
-            self._id_set.update(id_array.tolist())
+            self._index.upsert(id_array[keep], array[keep])
             if payloads is not None:
                 for position in keep.tolist():
                     self.payloads[int(id_array[position])] = payloads[position]
@@ -209,30 +228,16 @@ class Collection:
     def remove(self, ids: Iterable[int]) -> int:
         id_array = _as_ids(ids)
         with self._lock:
-            present = self._present(id_array)
-            # Skip the O(N) scan when none of the ids is here (e.g. a replayed removal).
-            removed = int(self._index.remove_ids(present)) if len(present) else 0
+            removed = self._index.remove(id_array)
             for key in id_array.tolist():
-                self._id_set.discard(key)
                 self.payloads.pop(key, None)
         return removed
 
-    def _present(self, id_array: np.ndarray) -> np.ndarray:
-        """The ids of `id_array` that this collection holds (O(len(id_array)))."""
-        return np.fromiter(
-            (i for i in dict.fromkeys(id_array.tolist()) if i in self._id_set), dtype=np.int64
-        )
-
     def get(self, item_id: int) -> np.ndarray:
-        with self._lock:
-            if int(item_id) not in self._id_set:
-                raise KeyError(item_id)
-            return self._index.reconstruct(int(item_id))
+        return self.get_many([int(item_id)])[0]
 
     def get_many(self, ids: Sequence[int]) -> np.ndarray:
-        if len(ids) == 0:
-            return np.empty((0, self.dim), np.float32)
-        return np.stack([self.get(i) for i in ids])
+        return self._index.get_many(_as_ids(ids))
 
     def search(
         self,
@@ -245,28 +250,31 @@ class Collection:
         vector = _as_vectors(query, self.dim)
         if len(vector) != 1:
             raise StoreError("search takes exactly one query vector")
-        excluded = {int(i) for i in exclude}
-        with self._lock:
-            total = len(self)
-            if total == 0 or k <= 0:
-                return []
-            params = None
-            if excluded:
-                # Filtered inside FAISS: no over-fetching however many tasks are excluded
-                # (every labeled task is, and that can be most of a project).
-                batch = faiss.IDSelectorBatch(np.fromiter(excluded, dtype=np.int64))
-                params = faiss.SearchParameters(sel=faiss.IDSelectorNot(batch))
-            scores, labels = self._index.search(vector, min(total, k), params=params)
+        extra = _as_ids(exclude)
+        if len(self) == 0 or k <= 0:
+            return []
+        # Filtered inside FAISS: no over-fetching however many ids are excluded (every
+        # labeled task is, and that can be most of a project).
+        scores, labels = self._index.search(vector[0], k, self.excluded, extra)
         hits: list[Hit] = []
-        for score, label in zip(scores[0].tolist(), labels[0].tolist(), strict=True):
-            if label < 0 or label in excluded:
+        for score, label in zip(scores.tolist(), labels.tolist(), strict=True):
+            if label < 0:
                 continue
             if min_score is not None and score < min_score:
                 break
             hits.append(Hit(int(label), float(score)))
-            if len(hits) == k:
-                break
         return hits
+
+
+def _migrated(old: faiss.Index, plan: IndexPlan) -> VectorIndex:
+    """A format-1 index (IndexIDMap2 over a flat index) moved into the current engine."""
+    ids = faiss.vector_to_array(old.id_map).astype(np.int64)
+    index = VectorIndex(old.d, plan)
+    if len(ids):
+        index.upsert(ids, old.index.reconstruct_n(0, old.ntotal))  # inner order = id_map order
+    if index.needs_rebuild():
+        index.rebuild()
+    return index
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -285,8 +293,9 @@ def _fsync_dir(directory: Path) -> None:
 class VectorStore:
     """Named collections under one directory, with reload-on-change for readers."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, plan: IndexPlan | None = None) -> None:
         self.root = Path(root)
+        self.plan = plan or IndexPlan()
         self._cache: dict[str, Collection] = {}
         self._lock = threading.Lock()
 
@@ -316,13 +325,13 @@ class VectorStore:
             collection = self._cache.get(name)
             if collection is None or collection.is_stale():
                 try:
-                    collection = Collection.load(path)
+                    collection = Collection.load(path, self.plan)
                 except FileNotFoundError:
                     if model is None or dim is None:
                         raise StoreError(
                             f"no collection {name!r} under {self.root}; index something first"
                         ) from None
-                    collection = Collection(path, model, dim)
+                    collection = Collection(path, model, dim, self.plan)
                 self._cache[name] = collection
         if model is not None:
             collection.check_model(model, dim)

@@ -28,6 +28,7 @@ from lookalike.core.query import (
 )
 from lookalike.core.safe_fetch import UrlPolicy, UrlRefusedError, fetch_public_url
 from lookalike.core.store import Collection, Hit
+from lookalike.core.vector_index import IndexPlan
 from lookalike.errors import ConflictError, NotFoundError
 from lookalike.service.indexing import image_key
 from lookalike.service.ls_client import LabelStudioError, TaskImageError
@@ -131,7 +132,9 @@ class SimilarityService:
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
-        self.indexes = ProjectIndexes(rt.redis)
+        self.indexes = ProjectIndexes(
+            rt.redis, rt.settings.snapshots_dir, IndexPlan(exact_limit=rt.settings.exact_limit)
+        )
         self.url_policy = UrlPolicy.parse(rt.settings.url_allow)
 
     def task(self, project: int, task_id: int) -> dict[str, Any]:
@@ -230,9 +233,8 @@ class SimilarityService:
     def _find(
         self, project: int, query: SimilarQuery, k: int | None, task: dict | None
     ) -> list[Hit]:
-        exclude = self.rt.state(project).labeled.ids()
-        if query.task_id is not None:
-            exclude.add(query.task_id)
+        # Labeled tasks are the collection's standing exclusions; these are this query's own.
+        exclude = {query.task_id} if query.task_id is not None else set()
         exclude.update(query.more_like, query.not_like)  # the examples are not results
         collection = self.indexes.get(project)
         base = None if query.more_like else self.query_vector(project, query, task)

@@ -46,6 +46,7 @@ class ProjectState:
         pipe = self.redis.pipeline()
         self.tasks.replace(task_ids, pipe)
         self.labeled.replace(labeled, pipe)
+        self.vectors.note("labels", [], pipe)  # web processes reload the labeled set
         pipe.execute()
 
     def mark_labeled(self, task_ids: Iterable[int]) -> None:
@@ -54,6 +55,7 @@ class ProjectState:
         if ids:
             pipe = self.redis.pipeline(transaction=True)
             self.labeled.add(ids, pipe)
+            self.vectors.note("label", ids, pipe)  # searches exclude them from now on
             self.priorities.forget_scores(ids, pipe)
             pipe.execute()
 

@@ -602,7 +602,7 @@ def test_resync_repairs_drift(indexed: Stack) -> None:
     # Simulate a lost webhook: drop one task's vector behind the backend's back.
     victim = indexed.names["camera.jpg"]
     client = redis_lib.Redis.from_url(indexed.photos_redis_url)
-    assert client.hdel(f"lookalike:project:{photos.project}:vectors", str(victim)) == 1
+    assert client.setbit(f"lookalike:project:{photos.project}:vectors:present", victim, 0) == 1
     assert photos.status()["indexed"] == status["indexed"] - 1
     response = requests.post(f"{photos.url}/api/projects/{photos.project}/sync", timeout=10)
     assert response.status_code == 202

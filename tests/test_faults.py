@@ -37,6 +37,7 @@ from tests.services import (
 from tests.test_e2e_backend import connect, create_project, upload, wait_for
 
 from lookalike.core.weights import convert_efficientnet_lite0
+from lookalike.service.state import ProjectState
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 TASKS = 48
@@ -104,7 +105,8 @@ def test_a_worker_killed_mid_batch_loses_nothing(stack: Stack) -> None:
         recovery = time.monotonic() - killed_at
         status = stack.status(project)
         assert (status["indexed"], status["failed"], status["pending"]) == (TASKS, 0, 0), status
-        assert connection.hlen(f"lookalike:project:{project}:vectors") == TASKS  # exactly once
+        stored = ProjectState(connection, project).vectors
+        assert stored.count() == len(stored.ids()) == TASKS  # exactly once
 
         # The dead worker no longer counts (its registration lapsed): only the replacement.
         def one_worker() -> bool:
@@ -179,7 +181,8 @@ def test_a_redis_restart_mid_indexing_needs_no_hand(stack: Stack, tmp_path: Path
             assert worker.poll() is None, "the worker exited"
             status = requests.get(status_url, headers=admin, timeout=30).json()
             assert (status["failed"], status["pending"]) == (0, 0), status
-            assert connection.hlen(f"lookalike:project:{project}:vectors") == TASKS
+            stored = ProjectState(connection, project).vectors
+            assert stored.count() == len(stored.ids()) == TASKS
             print(f"Redis down 10 s mid-indexing: all {TASKS} tasks indexed {recovery:.0f} s later")
     finally:
         if store.proc is not None and store.proc.poll() is None:

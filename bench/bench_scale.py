@@ -13,7 +13,7 @@ web process that loads its snapshot.
 
     .venv/bin/python bench/bench_scale.py                 # 100k and 1M
     .venv/bin/python bench/bench_scale.py --n 20000000    # one size
-    .venv/bin/python bench/bench_scale.py --n 20000000 --no-web --codes PQ64   # engine only
+    .venv/bin/python bench/bench_scale.py --n 20000000 --no-web --codes SQ4 --train-per-list 20
 
 Prints a table and writes bench/results/scale.json (or --out).
 """
@@ -279,12 +279,14 @@ def main() -> None:
     parser.add_argument("--n", type=int, action="append", help="sizes (default 100k and 1M)")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--codes", default=IndexPlan.codes)
+    parser.add_argument("--train-per-list", type=int, default=IndexPlan.train_per_list,
+                        help="training vectors per list (fewer: faster training at 20M)")
     parser.add_argument("--no-web", action="store_true",
                         help="skip the Redis + web-process path (engine only, e.g. for 20M)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results/scale.json")
     args = parser.parse_args()
     faiss.omp_set_num_threads(os.cpu_count() or 1)
-    plan = IndexPlan(codes=args.codes)
+    plan = IndexPlan(codes=args.codes, train_per_list=args.train_per_list)
     rows = [run(n, plan, not args.no_web, args.queries) for n in args.n or [100_000, 1_000_000]]
     columns = [
         ("n", "{:,}"), ("index", "{}"), ("build_s", "{:.1f}"),

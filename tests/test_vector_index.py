@@ -197,3 +197,16 @@ def test_format_1_collections_are_migrated(tmp_path: Path) -> None:
     assert collection.search(x[5], k=1)[0].id == 15
     collection.save()
     assert Collection.load(path).search(x[5], k=1)[0].id == 15
+
+
+def test_the_settings_choose_the_limit_and_the_codes() -> None:
+    from lookalike.config import Settings
+
+    plan = IndexPlan.from_settings(
+        Settings.from_env({"LOOKALIKE_EXACT_LIMIT": "2000", "LOOKALIKE_INDEX_CODES": "SQ4"})
+    )
+    ids, x = clustered(6000, seed=8)
+    index = VectorIndex(DIM, plan)
+    index.upsert(ids, x)
+    assert index.rebuild() and "SQ4" in index.kind
+    assert index.search(x[10], 1)[1][0] == 10

@@ -58,6 +58,7 @@ class Settings:
     max_attempts: int = field(default=3, metadata={"env": "LOOKALIKE_MAX_ATTEMPTS"})
     similar_k: int = field(default=20, metadata={"env": "LOOKALIKE_SIMILAR_K"})
     exact_limit: int = field(default=100_000, metadata={"env": "LOOKALIKE_EXACT_LIMIT"})
+    index_codes: str = field(default="SQ8", metadata={"env": "LOOKALIKE_INDEX_CODES"})
     set_sampling: bool = field(default=True, metadata={"env": "LOOKALIKE_SET_SAMPLING"})
     auto_prioritize: bool = field(default=True, metadata={"env": "LOOKALIKE_AUTO_PRIORITIZE"})
     auto_k: int = field(default=10, metadata={"env": "LOOKALIKE_AUTO_K"})

@@ -26,7 +26,7 @@ def _store(settings: Settings) -> VectorStore:
     from lookalike.core.store import VectorStore
     from lookalike.core.vector_index import IndexPlan
 
-    return VectorStore(settings.collections_dir, IndexPlan(exact_limit=settings.exact_limit))
+    return VectorStore(settings.collections_dir, IndexPlan.from_settings(settings))
 
 
 def cmd_index(args: argparse.Namespace, settings: Settings) -> int:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from lookalike.config import Settings
+
 _COPY_CHUNK = 20_000  # vectors copied per lock hold during a rebuild
 
 
@@ -89,16 +91,22 @@ class IndexPlan:
     codes: str = "SQ8"  # faiss factory name of the approximate index's codes
     probe_fraction: float = 1 / 48  # share of inverted lists scanned per search
     min_probes: int = 32
+    max_probes: int = 256  # bounds the scan at tens of millions (16k+ lists)
     regrow: float = 4.0  # retrain when the collection has grown this much since training
     train_per_list: int = 40  # training vectors per inverted list (FAISS wants >= 39)
     hnsw_lists: int = 16_384  # from this many lists on, an HNSW graph finds the nearest lists
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> IndexPlan:
+        return cls(exact_limit=settings.exact_limit, codes=settings.index_codes)
 
     def lists_for(self, n: int) -> int:
         """About 4 * sqrt(n) inverted lists, a power of two (FAISS wiki guideline)."""
         return 1 << max(6, round(math.log2(4 * math.sqrt(max(n, 1)))))
 
     def probes_for(self, nlist: int) -> int:
-        return min(nlist, max(self.min_probes, round(nlist * self.probe_fraction)))
+        wanted = max(self.min_probes, round(nlist * self.probe_fraction))
+        return min(nlist, self.max_probes, wanted)
 
 
 def _exact_engine(dim: int) -> faiss.IndexIVF:

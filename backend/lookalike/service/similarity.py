@@ -133,7 +133,7 @@ class SimilarityService:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.indexes = ProjectIndexes(
-            rt.redis, rt.settings.snapshots_dir, IndexPlan(exact_limit=rt.settings.exact_limit)
+            rt.redis, rt.settings.snapshots_dir, IndexPlan.from_settings(rt.settings)
         )
         self.url_policy = UrlPolicy.parse(rt.settings.url_allow)
 

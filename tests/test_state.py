@@ -287,3 +287,18 @@ def test_a_large_project_is_built_straight_into_the_compressed_index(client: red
     assert collection.index_kind.startswith("IVF") and len(collection) == 4000
     assert not collection.needs_rebuild()
     assert collection.search(data[123], k=1)[0].id == 123
+
+
+def test_queued_jobs_are_counted_per_project(client: redis.Redis) -> None:
+    """index-status counts the project's own waiting jobs, not the whole queue."""
+    from lookalike.config import Settings
+    from lookalike.service.jobqueue import JobQueue
+
+    jobs = JobQueue(client, Settings.from_env({"LOOKALIKE_INDEX_BATCH": "2"}))
+    jobs.sync(1)
+    jobs.index(2, [{"id": i} for i in range(5)])  # three batches
+    jobs.index(12, [{"id": 1}])  # a project whose id starts like project 1's
+    assert (jobs.queued_for(1), jobs.queued_for(2), jobs.queued_for(12)) == (1, 3, 1)
+    assert jobs.count == 5
+    jobs.queue.empty()
+    assert jobs.queued_for(2) == 0

@@ -151,7 +151,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from lookalike.service.state import known_projects
 
     rt = Runtime(settings)
-    statuses = [rt.state(p).status() for p in known_projects(rt.redis)]
+    statuses = [status.index_status(rt, p) for p in known_projects(rt.redis)]
     queued = rt.jobs.count
     running = [
         {"id": job.id, "description": job.description, "progress": dict(job.meta)}

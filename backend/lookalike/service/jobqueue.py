@@ -7,6 +7,7 @@ follow-ups (a sync enqueues index batches) without an import cycle.
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -47,6 +48,17 @@ class JobQueue:
     def count(self) -> int:
         return self.queue.count
 
+    @staticmethod
+    def _job_id(project: int) -> str:
+        # The project in the id lets index-status count a project's waiting jobs from the
+        # queue's list alone (RQ keeps the id across retries).
+        return f"{_project_prefix(project)}{uuid.uuid4().hex}"
+
+    def queued_for(self, project: int) -> int:
+        """Jobs of `project` waiting in the queue (not running, not scheduled for later)."""
+        prefix = _project_prefix(project)
+        return sum(1 for job_id in self.queue.get_job_ids() if job_id.startswith(prefix))
+
     def sync(self, project: int, retry_failed: bool = False) -> Job:
         """List the project's tasks, index the missing, drop the deleted (retry_failed: a
         person asked, so tasks that failed for good are tried again)."""
@@ -56,11 +68,14 @@ class JobQueue:
             interval=list(LABEL_STUDIO_OUTAGE_RETRY_DELAYS),
         )
         return self.queue.enqueue(
-            SYNC, project, retry_failed, job_timeout=SYNC_TIMEOUT, retry=retry
+            SYNC, project, retry_failed, job_timeout=SYNC_TIMEOUT, retry=retry,
+            job_id=self._job_id(project),
         )
 
     def reindex(self, project: int) -> Job:
-        return self.queue.enqueue(REINDEX, project, job_timeout=SYNC_TIMEOUT)
+        return self.queue.enqueue(
+            REINDEX, project, job_timeout=SYNC_TIMEOUT, job_id=self._job_id(project)
+        )
 
     def index(self, project: int, tasks: list[dict[str, Any]]) -> int:
         """Queue `tasks` in batches, in one round trip; returns the number of jobs."""
@@ -77,6 +92,7 @@ class JobQueue:
                 timeout=INDEX_BATCH_TIMEOUT,
                 retry=_batch_retry(),
                 description=f"index {len(batch)} tasks of project {project}",
+                job_id=self._job_id(project),
             )
             for batch in batches
         ]
@@ -97,19 +113,27 @@ class JobQueue:
             attempt,
             job_timeout=INDEX_BATCH_TIMEOUT,
             description=f"retry {len(tasks)} tasks of project {project} (attempt {attempt})",
+            job_id=self._job_id(project),
         )
 
     def remove(self, project: int, task_ids: list[int]) -> Job:
-        return self.queue.enqueue(REMOVE, project, task_ids)
+        return self.queue.enqueue(REMOVE, project, task_ids, job_id=self._job_id(project))
 
     def auto_prioritize(self, project: int, task_id: int, annotation: dict[str, Any]) -> Job:
-        return self.queue.enqueue(PRIORITIZE, project, task_id, annotation)
+        return self.queue.enqueue(
+            PRIORITIZE, project, task_id, annotation, job_id=self._job_id(project)
+        )
 
     def drop(self, project: int) -> Job:
-        return self.queue.enqueue(DROP, project)
+        return self.queue.enqueue(DROP, project, job_id=self._job_id(project))
 
     def clean_annotation(self, project: int, annotation_id: int) -> Job:
         """Take Lookalike's query regions out of a submitted annotation."""
         return self.queue.enqueue(
-            CLEAN, project, annotation_id, retry=Retry(max=3, interval=[5, 30, 120])
+            CLEAN, project, annotation_id, retry=Retry(max=3, interval=[5, 30, 120]),
+            job_id=self._job_id(project),
         )
+
+
+def _project_prefix(project: int) -> str:
+    return f"lookalike-p{int(project)}-"

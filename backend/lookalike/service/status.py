@@ -22,7 +22,7 @@ MAX_JOBS_SHOWN = 20
 
 def index_status(rt: Runtime, project: int) -> dict[str, Any]:
     status = rt.state(project).status()
-    status["queued_jobs"] = rt.jobs.count
+    status["queued_jobs"] = rt.jobs.queued_for(project)
     return status
 
 

@@ -286,3 +286,47 @@ def test_the_runtime_is_the_only_source_of_settings(rt: Runtime, redis_url: str)
     )
     assert other.state(1).tasks.ids() == {5} and rt.state(1).tasks.ids() == set()
     assert isinstance(other.redis, redis.Redis)
+
+
+def test_searches_past_the_limit_are_turned_away_and_health_still_answers(
+    rt: Runtime, indexed: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With every search slot taken, one more search gets 503 + Retry-After at once (it does
+    not wait for a server thread), while /health, /setup and /webhook keep answering."""
+    import threading
+
+    from lookalike.errors import BusyError
+    from lookalike.service.protocol import annotator_message
+    from lookalike.service.similarity import SimilarityService
+
+    rt.settings = Settings(**{**rt.settings.__dict__, "max_searches": 1})
+    app = create_app(rt)
+    inside, release = threading.Event(), threading.Event()
+    real_find = SimilarityService._find
+
+    def slow_find(self, *args, **kwargs):
+        inside.set()
+        release.wait(30)
+        return real_find(self, *args, **kwargs)
+
+    monkeypatch.setattr(SimilarityService, "_find", slow_find)
+    url = f"/api/projects/{PROJECT}/similar"
+    first: list = []
+    worker = threading.Thread(
+        target=lambda: first.append(app.test_client().post(url, json={"task_id": 1}))
+    )
+    worker.start()
+    try:
+        assert inside.wait(10)
+        client = app.test_client()
+        busy = client.post(url, json={"task_id": 1})
+        assert busy.status_code == 503 and busy.headers["Retry-After"] == "2"
+        assert "try again" in busy.json["error"]
+        assert client.get("/health").status_code == 200
+        # an annotator whose box query is turned away reads why, in plain words
+        assert "busy" in annotator_message(BusyError("all slots taken"))
+    finally:
+        release.set()
+        worker.join(30)
+    assert first[0].status_code == 200
+    assert app.test_client().post(url, json={"task_id": 1}).status_code == 200  # slot freed

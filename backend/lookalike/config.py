@@ -57,6 +57,7 @@ class Settings:
     index_batch_size: int = field(default=64, metadata={"env": "LOOKALIKE_INDEX_BATCH"})
     max_attempts: int = field(default=3, metadata={"env": "LOOKALIKE_MAX_ATTEMPTS"})
     similar_k: int = field(default=20, metadata={"env": "LOOKALIKE_SIMILAR_K"})
+    max_searches: int = field(default=8, metadata={"env": "LOOKALIKE_MAX_SEARCHES"})
     exact_limit: int = field(default=100_000, metadata={"env": "LOOKALIKE_EXACT_LIMIT"})
     index_codes: str = field(default="SQ8", metadata={"env": "LOOKALIKE_INDEX_CODES"})
     set_sampling: bool = field(default=True, metadata={"env": "LOOKALIKE_SET_SAMPLING"})

@@ -54,6 +54,14 @@ class UnavailableError(LookalikeError):
     http_status = 503
 
 
+class BusyError(UnavailableError):
+    """Every search slot of this process is taken: the caller should retry shortly."""
+
+    def __init__(self, message: str, retry_after: int = 2) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class ModelError(LookalikeError):
     """The embedding model cannot be loaded or cannot do what was asked."""
 

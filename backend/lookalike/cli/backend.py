@@ -77,6 +77,14 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             flush=True,
         )
 
+    if settings.max_searches >= args.threads:
+        print(
+            f"warning: LOOKALIKE_MAX_SEARCHES={settings.max_searches} leaves none of the "
+            f"{args.threads} threads for /health, /setup and /webhook while searches run; "
+            "use fewer searches or more --threads",
+            file=sys.stderr,
+        )
+
     class _Server(BaseApplication):
         def load_config(self) -> None:
             self.cfg.set("bind", f"{args.host}:{args.port}")

@@ -14,7 +14,13 @@ from label_studio_sdk.label_interface import LabelInterface
 
 from lookalike.core.embedding import TextNotSupportedError
 from lookalike.core.query import QueryError
-from lookalike.errors import BadRequestError, ConflictError, LookalikeError, UpstreamError
+from lookalike.errors import (
+    BadRequestError,
+    BusyError,
+    ConflictError,
+    LookalikeError,
+    UpstreamError,
+)
 from lookalike.service.annotations import (
     OWN_CONTROL_PREFIX,
     annotation_labels,
@@ -90,6 +96,8 @@ def annotator_message(exc: LookalikeError) -> str:
         )
     if isinstance(exc, UpstreamError):
         return "Lookalike could not read this task's image; ask your admin."
+    if isinstance(exc, BusyError):
+        return "Lookalike is busy with other searches; try again in a few seconds."
     return "Lookalike could not search right now; ask your admin."
 
 

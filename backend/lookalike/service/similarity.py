@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from lookalike.core.query import (
 from lookalike.core.safe_fetch import UrlPolicy, UrlRefusedError, fetch_public_url
 from lookalike.core.store import Collection, Hit
 from lookalike.core.vector_index import IndexPlan
-from lookalike.errors import ConflictError, NotFoundError
+from lookalike.errors import BusyError, ConflictError, NotFoundError
 from lookalike.service.indexing import image_key
 from lookalike.service.ls_client import LabelStudioError, TaskImageError
 from lookalike.service.project_index import ProjectIndexes
@@ -136,6 +137,13 @@ class SimilarityService:
             rt.redis, rt.settings.snapshots_dir, IndexPlan.from_settings(rt.settings)
         )
         self.url_policy = UrlPolicy.parse(rt.settings.url_allow)
+        # Searches past this many at once are turned away (503, Retry-After) instead of
+        # queueing for the server's threads: /health, /setup and /webhook always find one free.
+        self.max_searches = max(1, rt.settings.max_searches)
+        self._searches = threading.BoundedSemaphore(self.max_searches)
+        # One query forward pass at a time: torch already uses every core for one, and
+        # concurrent passes only slow each other down (and everything else in the process).
+        self._forward = threading.Lock()
 
     def task(self, project: int, task_id: int) -> dict[str, Any]:
         """The task from Label Studio; NotFoundError if it is not in `project`."""
@@ -210,7 +218,8 @@ class SimilarityService:
         embedder = self.rt.embedder()
         collection.check_model(embedder.spec, embedder.dim)  # never mix two models' vectors
         start = time.perf_counter()
-        vector = compute(embedder)
+        with self._forward:
+            vector = compute(embedder)
         if self.rt.observe_query_embed is not None:
             self.rt.observe_query_embed(time.perf_counter() - start)
         return vector
@@ -223,10 +232,16 @@ class SimilarityService:
         task: dict | None = None,
         source: str = "api",
     ) -> list[Hit]:
+        if not self._searches.acquire(blocking=False):
+            raise BusyError(
+                f"{self.max_searches} searches are already running here; "
+                "try again in a few seconds"
+            )
         start = time.perf_counter()
         try:
             return self._find(project, query, k, task)
         finally:
+            self._searches.release()
             if self.rt.observe_search is not None:
                 self.rt.observe_search(source, time.perf_counter() - start)
 

@@ -13,7 +13,7 @@ import redis
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from lookalike.errors import LookalikeError
+from lookalike.errors import BusyError, LookalikeError
 from lookalike.service.runtime import Runtime
 from lookalike.web import access, api, page, protocol
 from lookalike.web.context import Services
@@ -36,7 +36,10 @@ def create_app(rt: Runtime) -> Flask:
 
 
 def _lookalike_error(exc: LookalikeError):
-    return jsonify(error=str(exc)), exc.http_status
+    response = jsonify(error=str(exc))
+    if isinstance(exc, BusyError):
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response, exc.http_status
 
 
 def _redis_error(exc: redis.RedisError):

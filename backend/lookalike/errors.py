@@ -9,9 +9,11 @@ from __future__ import annotations
 
 
 class LookalikeError(Exception):
-    """Base of every error Lookalike raises on purpose. `http_status` says whose fault it is."""
+    """Base of every error Lookalike raises on purpose. `http_status` says whose fault it is;
+    `retry_after` (seconds), when set, says when trying again makes sense."""
 
     http_status = 500
+    retry_after: int | None = None
 
 
 class BadRequestError(LookalikeError, ValueError):

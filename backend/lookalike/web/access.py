@@ -24,7 +24,6 @@ from lookalike.service.auth import (
     ForbiddenError,
     Identity,
     NotSignedInError,
-    RateLimitedError,
 )
 from lookalike.web.context import services
 
@@ -50,7 +49,6 @@ NO_AUTH_HELP = (
 
 def install(app: Flask) -> None:
     app.before_request(_check)
-    app.register_error_handler(RateLimitedError, _rate_limited)
 
 
 def _check():
@@ -122,8 +120,3 @@ def _loopback(address: str | None) -> bool:
     except ValueError:
         return False
 
-
-def _rate_limited(exc: RateLimitedError):
-    response = jsonify(error=str(exc))
-    response.headers["Retry-After"] = str(exc.retry_after)
-    return response, 429

@@ -13,7 +13,7 @@ import redis
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from lookalike.errors import BusyError, LookalikeError
+from lookalike.errors import LookalikeError
 from lookalike.service.runtime import Runtime
 from lookalike.web import access, api, page, protocol
 from lookalike.web.context import Services
@@ -37,7 +37,7 @@ def create_app(rt: Runtime) -> Flask:
 
 def _lookalike_error(exc: LookalikeError):
     response = jsonify(error=str(exc))
-    if isinstance(exc, BusyError):
+    if exc.retry_after is not None:  # rate limits (429), busy search slots (503)
         response.headers["Retry-After"] = str(exc.retry_after)
     return response, exc.http_status
 

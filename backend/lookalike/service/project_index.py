@@ -89,7 +89,7 @@ class ProjectIndexes:
         last_change = state.vectors.last_change_id()
         collection = Collection(self._path(state.project), meta["model"], int(meta["dim"]),
                                 self.plan)
-        collection.excluded.add(np.fromiter(state.labeled.ids(), dtype=np.int64))
+        _exclude_labeled(collection, state)
         expected = state.vectors.count()
         batches = state.vectors.iter_batches()
         if expected > self.plan.exact_limit:
@@ -128,7 +128,7 @@ class ProjectIndexes:
                     collection.excluded.add(id_array)
                 elif op == "labels":
                     collection.excluded.clear()
-                    collection.excluded.add(np.fromiter(state.labeled.ids(), dtype=np.int64))
+                    _exclude_labeled(collection, state)
                 else:
                     found = state.vectors.get(ids)
                     collection.remove([i for i in ids if i not in found])
@@ -151,7 +151,7 @@ class ProjectIndexes:
             collection = Collection.load(path, self.plan)
             collection.check_model(meta.get("model", ""), int(meta.get("dim", 0)))
             entry = _Entry(collection, str(collection.meta["last_change"]))
-            collection.excluded.add(np.fromiter(state.labeled.ids(), dtype=np.int64))
+            _exclude_labeled(collection, state)
             if self._apply_changes(state, entry):
                 return entry
         except (StoreError, KeyError, ValueError, ChangeLogTrimmedError) as exc:
@@ -202,3 +202,8 @@ class ProjectIndexes:
         """Tests and benchmarks: let the background work finish."""
         for thread in list(self._background.values()):
             thread.join(timeout)
+
+
+def _exclude_labeled(collection: Collection, state: ProjectState) -> None:
+    """Searches skip the project's labeled tasks (the whole set, as Redis has it now)."""
+    collection.excluded.add(np.fromiter(state.labeled.ids(), dtype=np.int64))

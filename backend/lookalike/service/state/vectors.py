@@ -69,8 +69,10 @@ class VectorLog(Structure):
         return project_key(self.project, f"vectors:{bucket}")
 
     @staticmethod
-    def _slots(width: int) -> int:
-        return _BUCKET_BYTES // width
+    def _layout(dim: int) -> tuple[int, int]:
+        """(bytes per slot, slots per bucket) for `dim`-d vectors."""
+        width = dim + _SCALE.itemsize
+        return width, _BUCKET_BYTES // width
 
     def dim(self) -> int | None:
         if self._dim_cache is None:
@@ -82,12 +84,11 @@ class VectorLog(Structure):
     def put(self, ids: list[int], vectors: np.ndarray, pipeline: Pipeline) -> None:
         """Store vectors by task id, inside the caller's transaction."""
         rows = encode(vectors)
-        width = rows.shape[1]
-        dim = width - _SCALE.itemsize
+        dim = rows.shape[1] - _SCALE.itemsize
         # (one model per project: ProjectMeta.claim_model refuses another dimension first)
         pipeline.set(self._dim, dim)
         self._dim_cache = dim
-        slots = self._slots(width)
+        width, slots = self._layout(dim)
         sized: set[int] = set()
         for task_id, row in zip(ids, rows, strict=True):
             bucket, slot = divmod(int(task_id), slots)
@@ -122,7 +123,7 @@ class VectorLog(Structure):
         dim = self.dim()
         keys = [self._key, self._present, self._dim]
         if dim is not None:
-            slots = self._slots(dim + _SCALE.itemsize)
+            _, slots = self._layout(dim)
             keys += [self._bucket_key(b) for b in np.unique(self._present_ids() // slots)]
         pipeline.delete(*keys)
         self._dim_cache = None
@@ -158,8 +159,7 @@ class VectorLog(Structure):
         dim = self.dim()
         found: dict[int, np.ndarray] = {}
         if dim is not None:
-            width = dim + _SCALE.itemsize
-            slots = self._slots(width)
+            width, slots = self._layout(dim)
             pipe = self._redis.pipeline(transaction=False)
             for task_id in ids:
                 pipe.getbit(self._present, task_id)
@@ -183,8 +183,7 @@ class VectorLog(Structure):
         """Every stored vector as (ids, float32 vectors) batches, one bucket at a time."""
         dim = self.dim()
         if dim is not None:
-            width = dim + _SCALE.itemsize
-            slots = self._slots(width)
+            width, slots = self._layout(dim)
             present = self._present_ids()
             buckets = present // slots
             for bucket in np.unique(buckets).tolist():

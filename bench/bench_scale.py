@@ -100,7 +100,7 @@ def build(n: int, plan: IndexPlan) -> tuple[VectorIndex, float]:
     if n > plan.exact_limit:
         # Bulk load: train on a sample first, then add straight into the compressed index.
         # (the vectors are drawn independently, so the first ones are a random sample)
-        index.train(chunk_vectors(0, min(n, plan.train_per_list * plan.lists_for(n))), n)
+        index.train(chunk_vectors(0, plan.training_size(n)), n)
     for ids, vectors in chunks(n):
         index.upsert(ids, vectors)
     return index, time.perf_counter() - start

@@ -104,6 +104,10 @@ class IndexPlan:
         """About 4 * sqrt(n) inverted lists, a power of two (FAISS wiki guideline)."""
         return 1 << max(6, round(math.log2(4 * math.sqrt(max(n, 1)))))
 
+    def training_size(self, n: int) -> int:
+        """Vectors to train the index for `n` vectors on (never more than there are)."""
+        return min(n, self.train_per_list * self.lists_for(n))
+
     def probes_for(self, nlist: int) -> int:
         wanted = max(self.min_probes, round(nlist * self.probe_fraction))
         return min(nlist, self.max_probes, wanted)
@@ -112,7 +116,6 @@ class IndexPlan:
 def _exact_engine(dim: int) -> faiss.IndexIVF:
     quantizer = faiss.IndexFlatIP(dim)
     engine = faiss.IndexIVFFlat(quantizer, dim, 1, faiss.METRIC_INNER_PRODUCT)
-    engine.cp.min_points_per_centroid = 0  # one list needs no real training
     quantizer.add(np.zeros((1, dim), dtype=np.float32))
     engine.is_trained = True
     engine.own_fields = True
@@ -281,8 +284,7 @@ class VectorIndex:
                 ids = self.ids()
             n = len(ids)
             rng = np.random.default_rng(seed)
-            wanted = self.plan.train_per_list * self.plan.lists_for(n)
-            sample = np.sort(rng.choice(ids, min(n, wanted), replace=False))
+            sample = np.sort(rng.choice(ids, self.plan.training_size(n), replace=False))
             fresh = self._engine_for(n, lambda: self._copy(sample)[1])
             in_fresh = IdBitmap()
             for start in range(0, n, _COPY_CHUNK):
@@ -309,7 +311,7 @@ class VectorIndex:
 
     def train(self, sample: np.ndarray, expected: int) -> None:
         """Bulk load: make an empty index the one for `expected` vectors, trained on `sample`
-        (about `plan.train_per_list * plan.lists_for(expected)` vectors), so a large load goes
+        (`plan.training_size(expected)` vectors), so a large load goes
         straight into compressed codes instead of through a float32 copy."""
         with self._lock:
             if len(self):

@@ -95,7 +95,7 @@ class ProjectIndexes:
         if expected > self.plan.exact_limit:
             # Train on the first batches (the vectors of whole buckets), then load straight
             # into the compressed index: no float32 copy of a large project.
-            wanted = self.plan.train_per_list * self.plan.lists_for(expected)
+            wanted = self.plan.training_size(expected)
             head: list[tuple[np.ndarray, np.ndarray]] = []
             for batch in batches:
                 head.append(batch)

@@ -85,17 +85,17 @@ def test_clip_embed_no_images(clip_random_embedder):
     assert clip_random_embedder.embed_images([]).shape == (0, 512)
 
 
-def test_clip_batching_does_not_change_vectors(clip_random_embedder, photos):
-    embedder = clip_random_embedder
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_clip_batching_does_not_change_vectors(precision, model_cache_dir, photos):
+    embedder = load_embedder(CLIP_RANDOM_SPEC, cache_dir=model_cache_dir, precision=precision)
     images = [photos[name] for name in ("astronaut", "rocket", "coins")]
     together = embedder.embed_images(images)
-    saved = embedder.batch_size
-    try:
-        embedder.batch_size = 2  # 2 batches, the last one short
-        in_batches = embedder.embed_images(images)
-    finally:
-        embedder.batch_size = saved
-    np.testing.assert_allclose(in_batches, together, atol=1e-5)
+    embedder.batch_size = 2  # 2 batches, the last one short
+    in_batches = embedder.embed_images(images)
+    if precision == "fp32":
+        np.testing.assert_allclose(in_batches, together, atol=1e-5)
+    else:  # int8 activations are scaled per batch: batch-mates move a vector a little
+        assert (in_batches * together).sum(1).min() > 0.9995
 
 
 def test_clip_different_images_differ(clip_random_embedder, photos):

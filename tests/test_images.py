@@ -386,8 +386,20 @@ def test_jpeg_draft_mode_never_goes_below_request():
         assert min(load_image(large, draft_size=size).size) >= size
 
 
-def test_draft_size_ignored_for_png():
-    assert load_image(encode(noise(900, 600), "PNG"), draft_size=224).size == (900, 600)
+def test_png_is_box_reduced_by_a_whole_factor_keeping_the_request():
+    png = encode(noise(900, 600), "PNG")
+    assert load_image(png, draft_size=224).size == (450, 300)  # 600 // 224 = 2
+    assert load_image(png, draft_size=301).size == (900, 600)  # halving would go below
+    assert load_image(png).size == (900, 600)  # no request: full size
+    assert load_image(png, draft_size=(200, 100)).size == (225, 150)  # min(900//200, 600//100)
+    # a palette image is converted before reducing (averaging palette indices is nonsense)
+    palette = noise(900, 600).convert("P", palette=Image.Palette.ADAPTIVE)
+    reduced = load_image(encode(palette, "PNG"), draft_size=224)
+    assert reduced.mode == "RGB" and reduced.size == (450, 300)
+    # the reduced image is the full one averaged in 2x2 blocks
+    full = np.asarray(load_image(png), dtype=np.float32)
+    blocks = full.reshape(300, 2, 450, 2, 3).mean(axis=(1, 3))
+    assert np.abs(np.asarray(load_image(png, draft_size=224), np.float32) - blocks).max() <= 1
 
 
 # --------------------------------------------------------------------------- crop

@@ -116,14 +116,20 @@ def test_add_and_remove_at_scale(big) -> None:
     assert all(int(i) in index for i in gone[:10])
 
 
-def test_a_snapshot_round_trip_keeps_the_trained_index(big) -> None:
+@pytest.mark.parametrize("through", ["bytes", "file"])
+def test_a_snapshot_round_trip_keeps_the_trained_index(big, through, tmp_path) -> None:
     index, _, x = big
-    copy = VectorIndex.from_bytes(index.to_bytes())
+    if through == "bytes":
+        copy = VectorIndex.from_bytes(index.to_bytes())
+    else:
+        index.write(str(tmp_path / "index.faiss"))
+        copy = VectorIndex.read(str(tmp_path / "index.faiss"))
     assert copy.kind == index.kind and len(copy) == len(index)
     for q in (3, 333, 3333):
         np.testing.assert_array_equal(copy.search(x[q], 10)[1], index.search(x[q], 10)[1])
     copy.upsert(np.array([5_000_000]), x[:1])  # updates still O(1) by id after loading
     assert copy.remove(np.array([5_000_000])) == 1
+    assert 5_000_000 not in copy and 5_000_000 not in index
 
 
 def test_rebuild_swaps_in_while_searches_and_writes_go_on() -> None:

@@ -37,6 +37,7 @@ class Settings:
     device: str = field(default="auto", metadata={"env": "LOOKALIKE_DEVICE"})
     batch_size: int = field(default=0, metadata={"env": "LOOKALIKE_BATCH_SIZE"})
     torch_threads: int = field(default=0, metadata={"env": "LOOKALIKE_TORCH_THREADS"})
+    precision: str = field(default="auto", metadata={"env": "LOOKALIKE_PRECISION"})
     max_image_pixels: int = field(
         default=89_478_485, metadata={"env": "LOOKALIKE_MAX_IMAGE_PIXELS"}
     )

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from lookalike.core.images import to_rgb
+from lookalike.core.inference import InferencePlan
 from lookalike.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,14 @@ class Embedder(Protocol):
     input_size: int
     device: str
     batch_size: int
+    load_workers: int
     supports_text: bool
+
+    def prepare(self, image: Image.Image) -> torch.Tensor:
+        """One image as the model's input tensor (thread-safe: the pipeline's loaders call it)."""
+        ...
+
+    def embed_prepared(self, inputs: Sequence[torch.Tensor]) -> np.ndarray: ...
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray: ...
 
@@ -93,12 +101,6 @@ def pick_device(requested: str = "auto") -> str:
     if requested and requested != "auto":
         return requested
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def default_batch_size(device: str) -> int:
-    # Measured on a 2-core CPU (bench/bench_core.py): 8 is the fastest for EfficientNet-Lite0
-    # (32 is ~35 % slower, cache misses) and as fast as any for ViT-B-32. GPUs want more.
-    return 128 if device.startswith("cuda") else 8
 
 
 def _normalise(features: torch.Tensor) -> np.ndarray:
@@ -147,24 +149,32 @@ class _TorchEmbedder:
     device: str
     supports_text: bool = False
 
-    def __init__(self, model: torch.nn.Module, preprocess, device: str, batch_size: int) -> None:
-        self.model = model.to(device).eval()
+    def __init__(self, model: torch.nn.Module, preprocess, plan: InferencePlan) -> None:
+        self.plan = plan
+        self.model = plan.prepare_model(model)
         self.preprocess = preprocess
-        self.device = device
-        self.batch_size = batch_size or default_batch_size(device)
+        self.device = plan.device
+        self.batch_size = plan.batch_size
+        self.load_workers = plan.load_workers
 
     def _image_features(self, batch: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        out = np.empty((len(images), self.dim), dtype=np.float32)
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size]
-            # to_rgb: timm's transforms keep the input's mode, and an L image has 1 channel.
-            batch = torch.stack([self.preprocess(to_rgb(img)) for img in chunk]).to(self.device)
-            with torch.inference_mode():
+    def prepare(self, image: Image.Image) -> torch.Tensor:
+        # to_rgb: timm's transforms keep the input's mode, and an L image has 1 channel.
+        return self.preprocess(to_rgb(image))
+
+    def embed_prepared(self, inputs: Sequence[torch.Tensor]) -> np.ndarray:
+        out = np.empty((len(inputs), self.dim), dtype=np.float32)
+        for start in range(0, len(inputs), self.batch_size):
+            chunk = inputs[start : start + self.batch_size]
+            batch = self.plan.to_device(torch.stack(list(chunk)))
+            with self.plan.running():
                 out[start : start + len(chunk)] = _normalise(self._image_features(batch))
         return out
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self.embed_prepared([self.prepare(image) for image in images])
 
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         raise TextNotSupportedError(
@@ -177,7 +187,7 @@ class OpenClipEmbedder(_TorchEmbedder):
     supports_text = True
 
     def __init__(
-        self, spec: ModelSpec, weights: str, cache_dir: Path, device: str, batch_size: int
+        self, spec: ModelSpec, weights: str, cache_dir: Path, plan: InferencePlan
     ) -> None:
         import open_clip
 
@@ -211,13 +221,13 @@ class OpenClipEmbedder(_TorchEmbedder):
             raise WeightsUnavailableError(_weights_help(spec, exc, weights)) from exc
         except Exception as exc:  # hub/network/file errors come in many types
             raise WeightsUnavailableError(_weights_help(spec, exc, weights)) from exc
-        super().__init__(model, preprocess, device, batch_size)
+        super().__init__(model, preprocess, plan)
         self.spec = str(spec)
         self.tokenizer = open_clip.get_tokenizer(spec.name)
         size = model.visual.image_size
         self.input_size = int(size[0] if isinstance(size, tuple | list) else size)
-        with torch.inference_mode():
-            probe = self.tokenizer(["probe"]).to(device)
+        with self.plan.running():
+            probe = self.tokenizer(["probe"]).to(self.device)
             self.dim = int(model.encode_text(probe).shape[-1])
 
     def _image_features(self, batch: torch.Tensor) -> torch.Tensor:
@@ -230,14 +240,14 @@ class OpenClipEmbedder(_TorchEmbedder):
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         for start in range(0, len(texts), self.batch_size):
             tokens = self.tokenizer(texts[start : start + self.batch_size]).to(self.device)
-            with torch.inference_mode():
+            with self.plan.running():
                 out[start : start + len(tokens)] = _normalise(self.model.encode_text(tokens))
         return out
 
 
 class TimmEmbedder(_TorchEmbedder):
     def __init__(
-        self, spec: ModelSpec, weights: str, cache_dir: Path, device: str, batch_size: int
+        self, spec: ModelSpec, weights: str, cache_dir: Path, plan: InferencePlan
     ) -> None:
         import timm
         from timm.data import create_transform, resolve_data_config
@@ -264,7 +274,7 @@ class TimmEmbedder(_TorchEmbedder):
         except Exception as exc:
             raise WeightsUnavailableError(_weights_help(spec, exc, weights)) from exc
         config = resolve_data_config({}, model=model)
-        super().__init__(model, create_transform(**config), device, batch_size)
+        super().__init__(model, create_transform(**config), plan)
         self.spec = str(spec)
         self.input_size = int(config["input_size"][-1])
         self.dim = int(model.num_features)
@@ -279,6 +289,7 @@ def load_embedder(
     cache_dir: Path | str = Path(".lookalike/models"),
     device: str = "auto",
     batch_size: int = 0,
+    precision: str = "auto",
 ) -> Embedder:
     """Build the embedder a spec names. Raises `WeightsUnavailableError` with how to fix it."""
     parsed = ModelSpec.parse(spec)
@@ -291,8 +302,9 @@ def load_embedder(
     cls = OpenClipEmbedder if parsed.family == "open_clip" else TimmEmbedder
     if parsed.is_random:
         log.warning("using RANDOM weights for %s (asked for explicitly): results are noise", spec)
-    embedder = cls(parsed, weights, cache_dir, device, batch_size)
-    log.info("loaded %s (dim %d) on %s", embedder.spec, embedder.dim, device)
+    plan = InferencePlan.choose(device, precision, batch_size)
+    embedder = cls(parsed, weights, cache_dir, plan)
+    log.info("loaded %s (dim %d) on %s, %s", embedder.spec, embedder.dim, device, plan.precision)
     return embedder
 
 
@@ -306,4 +318,5 @@ def embedder_from_settings(settings) -> Embedder:
         cache_dir=settings.model_cache_dir,
         device=settings.device,
         batch_size=settings.batch_size,
+        precision=settings.precision,
     )

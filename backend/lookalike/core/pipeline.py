@@ -3,15 +3,15 @@
 Indexing a folder (the CLI) and indexing Label Studio tasks (the worker) differ only in where
 items come from, how an image is fetched and where vectors go, so each supplies a `Reader` and a
 `Writer` and both run `run_pipeline` (modelled on clip-retrieval's `clip_inference/runner.py`).
-Loading (I/O and GIL-free decoding) runs ahead of inference in a thread pool, within a bounded
-window so memory stays flat over millions of items. One item that cannot be loaded fails alone;
-a model or storage error fails the run.
+Loading (I/O, GIL-free decoding, and the model's preprocessing into an input tensor) runs ahead
+of inference in a thread pool, within a bounded window so memory stays flat over millions of
+items: only the small input tensors wait, never a full-resolution image. One item that cannot
+be loaded fails alone; a model or storage error fails the run.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 from PIL import Image
 
 from lookalike.core.embedding import Embedder
@@ -68,12 +69,6 @@ class PipelineReport:
     embed_seconds: float = 0.0  # wall time spent in the embedder, over all batches
 
 
-def default_load_workers() -> int:
-    # Loads mix waiting on disk or network with decoding that releases the GIL: the stdlib's
-    # default for I/O-bound pools.
-    return min(32, (os.cpu_count() or 1) + 4)
-
-
 def run_pipeline(
     reader: Reader,
     embedder: Embedder,
@@ -87,19 +82,20 @@ def run_pipeline(
     """Load, embed and write every item of `reader`, in order.
 
     At most `prefetch` items (at least one batch) are loaded or loading but not yet embedded.
-    Any exception from `reader.load` goes to `writer.fail` for that item; exceptions from the
-    embedder or `writer.write` propagate, and then `writer.flush` is not called. `progress`
-    gets the number of items finished (embedded or failed) since its last call.
+    Any exception from `reader.load` or the embedder's `prepare` goes to `writer.fail` for that
+    item; exceptions from embedding or `writer.write` propagate, and then `writer.flush` is not
+    called. `progress` gets the number of items finished (embedded or failed) since its last
+    call.
     """
     batch_size = max(1, batch_size or embedder.batch_size)
-    workers = max(1, load_workers or default_load_workers())
+    workers = max(1, load_workers or embedder.load_workers)
     window = max(batch_size, prefetch or max(PREFETCH_BATCHES * batch_size, workers))
     draft_size = embedder.input_size
     report = PipelineReport()
     items: Iterator[Item] = iter(reader.items())
-    pending: deque[tuple[Item, Future[Image.Image]]] = deque()
+    pending: deque[tuple[Item, Future[torch.Tensor]]] = deque()
     batch_items: list[Item] = []
-    batch_images: list[Image.Image] = []
+    batch_inputs: list[torch.Tensor] = []
     failed_unreported = 0  # failures not yet counted in a progress call
 
     def finished(count: int) -> None:
@@ -110,13 +106,16 @@ def run_pipeline(
 
     def embed_batch() -> None:
         started = time.perf_counter()
-        vectors = embedder.embed_images(batch_images)
+        vectors = embedder.embed_prepared(batch_inputs)
         report.embed_seconds += time.perf_counter() - started
         writer.write(list(batch_items), vectors)
         report.embedded += len(batch_items)
         finished(len(batch_items) + failed_unreported)
         batch_items.clear()
-        batch_images.clear()
+        batch_inputs.clear()
+
+    def load(item: Item) -> torch.Tensor:
+        return embedder.prepare(reader.load(item, draft_size))
 
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lookalike-load")
     try:
@@ -128,12 +127,12 @@ def run_pipeline(
                 if item is None:
                     exhausted = True
                 else:
-                    pending.append((item, pool.submit(reader.load, item, draft_size)))
+                    pending.append((item, pool.submit(load, item)))
             if not pending:
                 break
             item, future = pending.popleft()
             try:
-                image = future.result()
+                prepared = future.result()
             except Exception as exc:  # one item's failure, whatever it is
                 if not isinstance(exc, ImageLoadError):
                     log.warning(
@@ -149,7 +148,7 @@ def run_pipeline(
                     finished(failed_unreported)
                 continue
             batch_items.append(item)
-            batch_images.append(image)
+            batch_inputs.append(prepared)
             if len(batch_items) >= batch_size:
                 embed_batch()
         if batch_items:

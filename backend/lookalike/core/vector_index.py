@@ -339,9 +339,21 @@ class VectorIndex:
         with self._lock:
             return faiss.serialize_index(self._engine)
 
+    def write(self, path: str) -> None:
+        """Straight to a file, without the in-memory copy `to_bytes` makes (20M vectors)."""
+        with self._lock:
+            faiss.write_index(self._engine, str(path))
+
+    @classmethod
+    def read(cls, path: str, plan: IndexPlan | None = None) -> VectorIndex:
+        return cls._wrap(faiss.read_index(str(path)), plan)
+
     @classmethod
     def from_bytes(cls, data: np.ndarray, plan: IndexPlan | None = None) -> VectorIndex:
-        engine = faiss.deserialize_index(data)
+        return cls._wrap(faiss.deserialize_index(data), plan)
+
+    @classmethod
+    def _wrap(cls, engine: faiss.Index, plan: IndexPlan | None) -> VectorIndex:
         if not isinstance(engine, faiss.IndexIVF):
             raise ValueError(f"not an inverted-list index: {type(engine).__name__}")
         index = cls(engine.d, plan)

@@ -23,8 +23,9 @@ from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 from label_studio_sdk.label_interface import LabelInterface
 
-from lookalike.core.images import ImageLimits, ImageLoadError, fetch_url, read_source
+from lookalike.core.images import ImageLimits, ImageLoadError, fetch_url
 from lookalike.errors import BadRequestError, UpstreamError
+from lookalike.service.task_files import TaskFileCache
 from lookalike.timeouts import LABEL_STUDIO_TIMEOUT
 
 log = logging.getLogger(__name__)
@@ -192,21 +193,17 @@ class LabelStudioClient:
             return fetch_url(url, limits)  # a plain web URL: no Label Studio credentials
         from label_studio_sdk._extensions.label_studio_tools.core.utils.io import get_local_path
 
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            path = get_local_path(
+
+        def download(directory: Path) -> str:
+            return get_local_path(
                 url,
-                cache_dir=str(cache_dir),
+                cache_dir=str(directory),
                 hostname=self.url,
                 access_token=self.download_token(),
                 task_id=task.get("id"),
             )
-        except Exception as exc:  # the SDK raises many kinds (HTTP, FileNotFound, ValueError)
-            raise ImageLoadError("download_failed", f"cannot fetch {url}: {exc}") from exc
-        try:
-            return read_source(path, limits)
-        finally:
-            _trim_cache(cache_dir, cache_bytes, keep=Path(path))
+
+        return TaskFileCache(cache_dir, cache_bytes).read(url, download, limits)
 
     # ----------------------------------------------------------------- tabs
     def upsert_view(
@@ -362,23 +359,3 @@ class LabelStudioClient:
         if isinstance(model, dict):
             return model
         return model.model_dump() if hasattr(model, "model_dump") else model.dict()
-
-
-def _trim_cache(directory: Path, limit: int, keep: Path) -> None:
-    """Delete the least recently used files until `directory` holds at most `limit` bytes
-    (`keep`, the file just used, stays unless it alone is over the limit)."""
-    try:
-        files = [(f.stat(), f) for f in directory.iterdir() if f.is_file()]
-    except OSError:
-        return
-    total = sum(stat.st_size for stat, _ in files)
-    for stat, path in sorted(files, key=lambda item: item[0].st_mtime):
-        if total <= limit:
-            break
-        if path == keep and stat.st_size <= limit:
-            continue  # the file just used stays, unless it alone is over the limit
-        try:
-            path.unlink()
-            total -= stat.st_size
-        except OSError:
-            pass  # another process took it first

@@ -1,0 +1,124 @@
+"""How a model runs on its device: numeric precision, batch size, host-to-device copies.
+
+Chosen with bench/bench_embed.py (2-core AVX-512 CPU; ratios in the README):
+
+- CPU, `int8` (the default there): the Linear layers' weights quantized to int8 and their
+  activations quantized on the fly (`torch.ao.quantization.quantize_dynamic`). A ViT spends
+  most of its time in Linear layers; convolutional models keep fp32 convolutions, so for them
+  nothing changes. Vectors stay within ~1e-3 in cosine of fp32, neighbours almost all the same.
+- CUDA, `fp16` (the default there): autocast to half precision, batches of 128, batches copied
+  from pinned host memory without blocking, and more loader threads, since a GPU is fed by
+  decoding, not limited by inference.
+- `fp32` forces plain float32 everywhere; `bf16` autocasts to bfloat16 (CPUs with bf16 units).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from lookalike.errors import ModelError
+
+PRECISIONS = ("auto", "fp32", "int8", "bf16", "fp16")
+
+
+class PrecisionError(ModelError):
+    """A precision the device cannot run."""
+
+
+@dataclass(frozen=True)
+class InferencePlan:
+    device: str
+    precision: str  # fp32, int8, bf16 or fp16 (never "auto")
+    batch_size: int
+    pin_memory: bool  # copy batches to the device from page-locked memory, without blocking
+    load_workers: int  # threads fetching, decoding and preprocessing ahead of inference
+
+    @classmethod
+    def choose(
+        cls, device: str, precision: str = "auto", batch_size: int = 0, cpus: int | None = None
+    ) -> InferencePlan:
+        cuda = device.startswith("cuda")
+        cpus = cpus or os.cpu_count() or 1
+        if precision not in PRECISIONS:
+            raise PrecisionError(
+                f"LOOKALIKE_PRECISION={precision!r}: use one of {', '.join(PRECISIONS)}"
+            )
+        if precision == "auto":
+            precision = "fp16" if cuda else "int8"
+        if precision == "int8" and cuda:
+            raise PrecisionError("int8 runs on the CPU only; use fp16 or fp32 on a GPU")
+        if precision == "fp16" and not cuda:
+            raise PrecisionError("fp16 is slow on a CPU; use int8, bf16 or fp32 there")
+        return cls(
+            device=device,
+            precision=precision,
+            # Measured on a 2-core CPU (bench/bench_core.py): 8 is the fastest for
+            # EfficientNet-Lite0 and as fast as any for ViT-B-32. A GPU wants large batches.
+            batch_size=batch_size or (128 if cuda else 8),
+            pin_memory=cuda,
+            # On a CPU, loading shares the cores with inference (I/O waits and GIL-free
+            # decoding overlap it); a GPU is limited by decoding, so every core decodes.
+            load_workers=min(32, 2 * cpus if cuda else cpus + 4),
+        )
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = model.to(self.device).eval()
+        if self.precision == "int8":
+            # The image tower only (CLIP's `visual`): it is what indexing runs millions of
+            # times, and open_clip's text tower reads its Linear weights' dtype, which
+            # quantized layers no longer have. A text query is one short pass in fp32.
+            if isinstance(getattr(model, "visual", None), torch.nn.Module):
+                model.visual = _int8(model.visual)
+            else:
+                model = _int8(model)
+        return model
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Around every forward pass: no autograd, and autocast for bf16 / fp16."""
+        with torch.inference_mode():
+            if self.precision in ("bf16", "fp16"):
+                dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+                with torch.autocast(self.device.split(":")[0], dtype=dtype):
+                    yield
+            else:
+                yield
+
+    def to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.pin_memory:
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.to(self.device)
+
+
+def _int8(module: torch.nn.Module) -> torch.nn.Module:
+    quantized = torch.ao.quantization.quantize_dynamic(
+        module, {torch.nn.Linear}, dtype=torch.qint8
+    )
+    # A dynamically quantized Linear scales its whole input tensor at once, so an image's
+    # vector would depend on its batch-mates (by ~1e-4 in cosine): a file queried on its own
+    # would not score 1.0 against its own indexed vector. Each image is quantized on its own.
+    batch_dim = 0 if getattr(getattr(module, "transformer", None), "batch_first", True) else 1
+    for parent in list(quantized.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.ao.nn.quantized.dynamic.Linear):
+                setattr(parent, name, _PerImage(child, batch_dim))
+    return quantized
+
+
+class _PerImage(torch.nn.Module):
+    """Runs a layer on each image of a batch separately (see `_int8`)."""
+
+    def __init__(self, layer: torch.nn.Module, batch_dim: int) -> None:
+        super().__init__()
+        self.layer, self.batch_dim = layer, batch_dim
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.dim() < 2 or batch.shape[self.batch_dim] == 1:
+            return self.layer(batch)
+        parts = batch.split(1, self.batch_dim)
+        return torch.cat([self.layer(part) for part in parts], self.batch_dim)

@@ -119,9 +119,11 @@ def backend_env(
 
 
 @contextlib.contextmanager
-def serving(env: dict[str, str], log_path: Path, timeout: float = 120) -> Iterator[str]:
-    """`lookalike serve` on a free port of 127.0.0.1, healthy; yields its base URL."""
-    port = free_port()
+def serving(
+    env: dict[str, str], log_path: Path, timeout: float = 120, port: int | None = None
+) -> Iterator[str]:
+    """`lookalike serve` on 127.0.0.1 (a free port unless given), healthy; yields its URL."""
+    port = port or free_port()
     argv = ["serve", "--host", "127.0.0.1", "--port", str(port)]
     with lookalike_process(argv, env, log_path) as serve:
         url = f"http://127.0.0.1:{port}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import secrets
 import signal
 import subprocess
 import time
@@ -38,6 +39,7 @@ from tests.test_e2e_backend import connect, create_project, upload, wait_for
 
 from lookalike.core.weights import convert_efficientnet_lite0
 from lookalike.service.state import ProjectState
+from lookalike_dev.devstack import wait_http
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 TASKS = 48
@@ -188,3 +190,89 @@ def test_a_redis_restart_mid_indexing_needs_no_hand(stack: Stack, tmp_path: Path
         if store.proc is not None and store.proc.poll() is None:
             store.proc.terminate()
             store.proc.wait(timeout=30)
+
+
+def all_indexed(url: str, project: int, expected: int) -> bool:
+    try:
+        reply = requests.get(f"{url}/api/projects/{project}/index-status", timeout=30)
+    except requests.RequestException:
+        return False
+    return reply.status_code == 200 and reply.json()["indexed"] == expected
+
+
+def test_label_studio_stopped_and_restarted_mid_indexing(tmp_path: Path) -> None:
+    """Label Studio (a real process) stopped for 30 s while a worker downloads its images, then
+    started again on the same port and database: downloads that got no answer are retried on
+    the outage schedule, none becomes a final failure, every task is indexed exactly once."""
+    weights = convert_efficientnet_lite0(tmp_path / "efficientnet_lite0.pth")
+    port, token, password = free_port(), secrets.token_hex(20), secrets.token_urlsafe(16)
+
+    def label_studio() -> contextlib.AbstractContextManager[LabelStudioServer]:
+        return label_studio_server(tmp_path / "ls", port=port, token=token, password=password)
+
+    with contextlib.ExitStack() as running, redis_server(tmp_path / "redis") as redis_url:
+        ls_running = contextlib.ExitStack()
+        running.callback(ls_running.close)
+        ls = ls_running.enter_context(label_studio())
+        env = backend_env(tmp_path, ls, redis_url, weights, LOOKALIKE_INDEX_BATCH="16")
+        url = running.enter_context(serving(env, tmp_path / "serve.log"))
+        worker = running.enter_context(
+            lookalike_process(["worker"], env, tmp_path / "worker.log")
+        )
+        project = create_project(ls, "label studio outage")
+        upload(ls, project, generated_photos(TASKS, seed=3))
+        connect(ls, project, url, "lookalike")
+        connection = redis.Redis.from_url(redis_url)
+        wait_for(lambda: index_batch_running(connection), 120, "a running index batch")
+        ls_running.close()  # stopped: its process group is gone, the port closed
+        down_at = time.monotonic()
+        time.sleep(30)
+        ls_running.enter_context(label_studio())
+        back_at = time.monotonic()
+        wait_for(lambda: all_indexed(url, project, TASKS), 300, "indexing after the outage")
+        recovery = time.monotonic() - back_at
+        assert worker.poll() is None, "the worker exited"
+        status = requests.get(f"{url}/api/projects/{project}/index-status", timeout=30).json()
+        assert (status["failed"], status["pending"]) == (0, 0), status
+        state = ProjectState(connection, project)
+        assert state.vectors.count() == len(state.vectors.ids()) == TASKS  # exactly once
+        assert not [f for f in state.failures.all() if f.final]
+        print(
+            f"Label Studio down {back_at - down_at:.0f} s mid-indexing: all {TASKS} tasks "
+            f"indexed {recovery:.0f} s after it was back"
+        )
+
+
+def test_the_web_process_restarted_mid_indexing(stack: Stack, tmp_path: Path) -> None:
+    """`lookalike serve` SIGKILLed while workers index and while Label Studio sends webhooks:
+    a new one on the same port answers searches at once, indexing went on meanwhile, and a
+    person's sync picks up the tasks whose webhooks nobody received."""
+    port = free_port()
+    env = {**stack.env, "LOOKALIKE_DATA_DIR": str(tmp_path / "data")}
+    argv = ["serve", "--host", "127.0.0.1", "--port", str(port)]
+    with lookalike_process(["worker"], env, tmp_path / "worker.log"):
+        with lookalike_process(argv, env, tmp_path / "serve-1.log") as doomed:
+            url = f"http://127.0.0.1:{port}"
+            wait_http(f"{url}/health", 120, proc=doomed, log_path=tmp_path / "serve-1.log")
+            project = create_project(stack.ls, "web restart")
+            upload(stack.ls, project, generated_photos(TASKS, seed=4))
+            connect(stack.ls, project, url, "lookalike")
+            connection = redis.Redis.from_url(stack.redis_url)
+            wait_for(lambda: index_batch_running(connection), 120, "a running index batch")
+            os.killpg(doomed.pid, signal.SIGKILL)
+        # While no web process runs: Label Studio's webhooks for these tasks go nowhere.
+        upload(stack.ls, project, generated_photos(4, seed=5))
+        with serving(env, tmp_path / "serve-2.log", port=port) as url:
+            similar = f"{url}/api/projects/{project}/similar"
+            known = ProjectState(connection, project).vectors.ids()
+            reply = requests.post(similar, json={"task_id": min(known), "k": 5}, timeout=60)
+            assert reply.status_code == 200, reply.text
+            assert len(reply.json()["results"]) == 5
+            wait_for(lambda: all_indexed(url, project, TASKS), 240, "the first 48 tasks")
+            reply = requests.post(f"{url}/api/projects/{project}/sync", timeout=30)
+            assert reply.status_code in (200, 202), reply.text
+            wait_for(lambda: all_indexed(url, project, TASKS + 4), 240, "the synced tasks")
+            state = ProjectState(connection, project)
+            assert state.vectors.count() == len(state.vectors.ids()) == TASKS + 4
+            status = requests.get(f"{url}/api/projects/{project}/index-status", timeout=30)
+            assert (status.json()["failed"], status.json()["pending"]) == (0, 0)

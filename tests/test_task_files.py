@@ -99,3 +99,12 @@ def test_cache_names_keep_the_extension_only_when_sane() -> None:
     assert cache_name(URL).endswith(".png")
     assert "." not in cache_name("http://x/data/file.p%20ng?x=1")
     assert cache_name(URL) != cache_name(URL + "?v=2")
+
+
+def test_a_file_over_the_limit_names_its_url_and_is_not_kept(tmp_path: Path, photo_file) -> None:
+    cache = TaskFileCache(tmp_path / "cache", 10**9)
+    limits = ImageLimits(max_download_bytes=100)
+    with pytest.raises(ImageLoadError, match="over the 100-byte limit") as info:
+        cache.read(URL, lambda d: shutil.copy(photo_file, d / "photo.png"), limits)
+    assert info.value.reason == "too_large" and URL in str(info.value)
+    assert not list((tmp_path / "cache").iterdir())

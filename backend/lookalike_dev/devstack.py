@@ -369,6 +369,7 @@ def label_studio_server(
     extra_env: Mapping[str, str] | None = None,
     use_template: bool | None = None,
     port: int | None = None,
+    token: str | None = None,
 ) -> Iterator[LabelStudioServer]:
     """Run a fresh Label Studio (SQLite under ``tmpdir/data``) on 127.0.0.1; yield its handle.
 
@@ -378,6 +379,8 @@ def label_studio_server(
       install.
     - ``extra_env``: more environment variables for the LS process.
     - ``port``: listen on this port (fail if it is taken) instead of a free one.
+    - ``token``, ``password``: the admin's; pass the first run's again to restart the same
+      server on the same ``tmpdir`` and ``port`` (its database is kept).
     - ``use_template``: start from a cached, already migrated (user-less) SQLite database
       instead of running LS's ~35 s of migrations on every start. The cache is built once per
       LS install (under ``LOOKALIKE_LS_TEMPLATE_DIR``, default ``~/.cache/lookalike-ls-template``).
@@ -392,7 +395,7 @@ def label_studio_server(
             f"{executable} not found: create it with `python3 -m venv {ls_venv()} && "
             f"{ls_venv()}/bin/pip install label-studio==1.23.2` (or run scripts/test.sh)"
         )
-    token = secrets.token_hex(20)
+    token = token or secrets.token_hex(20)
     password = password or secrets.token_urlsafe(16)
     requested_port = port
     with _work_dir(tmpdir, "lookalike-ls-") as workdir:

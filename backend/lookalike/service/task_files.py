@@ -33,6 +33,13 @@ def cache_name(url: str) -> str:
     return hashlib.sha256(url.encode()).hexdigest()[:32] + suffix
 
 
+def _read(path: Path, url: str, limits: ImageLimits) -> bytes:
+    try:
+        return read_source(path, limits)
+    except ImageLoadError as exc:  # name the task's URL, not a cache file the user never saw
+        raise ImageLoadError(exc.reason, str(exc.args[0]).replace(str(path), url)) from exc
+
+
 class TaskFileCache:
     def __init__(self, directory: Path, limit_bytes: int) -> None:
         self.directory, self.limit_bytes = Path(directory), int(limit_bytes)
@@ -47,7 +54,7 @@ class TaskFileCache:
         if cached.is_file():
             with contextlib.suppress(OSError):  # trimmed by another process meanwhile
                 os.utime(cached)  # most recently used: the last to be trimmed
-                return read_source(cached, limits)
+                return _read(cached, url, limits)
         partial = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=self.directory))
         try:
             try:
@@ -57,12 +64,15 @@ class TaskFileCache:
             except Exception as exc:  # the SDK raises many kinds (HTTP, FileNotFound, ...)
                 raise ImageLoadError("download_failed", f"cannot fetch {url}: {exc}") from exc
             if not path.is_relative_to(partial):
-                return read_source(path, limits)  # a local file: read in place, never moved
+                return _read(path, url, limits)  # a local file: read in place, never moved
             os.replace(path, cached)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
         try:
-            return read_source(cached, limits)
+            return _read(cached, url, limits)
+        except ImageLoadError:
+            cached.unlink(missing_ok=True)  # e.g. over the size limit: no use keeping it
+            raise
         finally:
             self.trim(keep=cached)
 

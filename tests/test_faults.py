@@ -276,3 +276,32 @@ def test_the_web_process_restarted_mid_indexing(stack: Stack, tmp_path: Path) ->
             assert state.vectors.count() == len(state.vectors.ids()) == TASKS + 4
             status = requests.get(f"{url}/api/projects/{project}/index-status", timeout=30)
             assert (status.json()["failed"], status.json()["pending"]) == (0, 0)
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(stat.parent.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_killed_worker_leaves_no_scheduler_behind(stack: Stack, tmp_path: Path) -> None:
+    """RQ runs its scheduler in a child of the worker; the worker alone SIGKILLed (not its
+    process group): the child goes too instead of living on as an orphan."""
+    with redis_server(tmp_path / "redis") as redis_url:
+        env = {**stack.env, "REDIS_URL": redis_url}
+        with lookalike_process(["worker"], env, tmp_path / "worker.log") as worker:
+            scheduler = wait_for(lambda: children_of(worker.pid), 60, "the scheduler process")
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.wait(timeout=30)
+            wait_for(lambda: not any(running(p) for p in scheduler), 30, "the scheduler to go")

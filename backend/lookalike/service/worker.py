@@ -4,7 +4,12 @@ job retried by another worker; and a worker that rides out a Redis restart."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
+import os
+import signal
+import sys
 import threading
 import time
 
@@ -22,6 +27,7 @@ from lookalike.timeouts import (
 )
 
 log = logging.getLogger(__name__)
+_PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 class HeartbeatWorker(SimpleWorker):
@@ -57,11 +63,22 @@ class HeartbeatWorker(SimpleWorker):
                 log.warning("heartbeat of job %s failed: %s", job.id, exc)
 
 
+def _die_with_parent() -> None:
+    """In a child this process forks (RQ's scheduler): Linux sends it SIGTERM when the worker
+    dies, even by SIGKILL, instead of leaving it running as an orphan that holds the
+    scheduler lock. RQ forks the scheduler from the worker's main thread, which lives as long
+    as the worker (Linux signals when the forking thread exits)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def run_worker(
     queue_name: str, connection: redis.Redis, burst: bool = False, scheduler: bool = True
 ) -> int:
     """Work until stopped; when Redis goes away, wait and start again (nothing needs a restart
     by hand). Jobs that were running are found abandoned and retried after Redis is back."""
+    if sys.platform.startswith("linux"):
+        os.register_at_fork(after_in_child=_die_with_parent)
     attempt = 0
     while True:
         try:

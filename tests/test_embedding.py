@@ -92,10 +92,8 @@ def test_clip_batching_does_not_change_vectors(precision, model_cache_dir, photo
     together = embedder.embed_images(images)
     embedder.batch_size = 2  # 2 batches, the last one short
     in_batches = embedder.embed_images(images)
-    if precision == "fp32":
-        np.testing.assert_allclose(in_batches, together, atol=1e-5)
-    else:  # int8 activations are scaled per batch: batch-mates move a vector a little
-        assert (in_batches * together).sum(1).min() > 0.9995
+    # int8 too: each image's activations are quantized on their own, not per batch
+    np.testing.assert_allclose(in_batches, together, atol=1e-5)
 
 
 def test_clip_different_images_differ(clip_random_embedder, photos):

@@ -5,6 +5,7 @@ deliberately flipped label landing in "Possibly mislabeled". Real Redis, `lookal
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from tests.services import (
 from tests.test_e2e_backend import (
     augmented,
     connect,
+    interactive,
     jpeg_bytes,
     photo,
     tab,
@@ -41,6 +43,7 @@ class Stack:
     url: str
     project: int
     ids: dict[str, int]  # file name -> task id
+    ml_id: int = 0  # the backend's record in Label Studio
 
     def status(self) -> dict:
         url = f"{self.url}/api/projects/{self.project}/index-status"
@@ -81,7 +84,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             for name, label in LABELED.items():
                 stack.annotate(stack.ids[f"{name}.jpg"], label)
             stack.annotate(stack.ids["rocket_again.jpg"], "Rocket")
-            connect(ls, project, url, "lookalike")
+            stack.ml_id = connect(ls, project, url, "lookalike")
             wait_for(lambda: stack.status()["indexed"] == len(files) or None, 240, "indexing")
             yield stack
 
@@ -141,3 +144,23 @@ def test_a_flipped_label_lands_in_possibly_mislabeled(stack: Stack) -> None:
     assert tasks == [flipped]
     [mine] = [p for p in stack.predictions(flipped) if p["model_version"] == "lookalike"]
     assert mine["result"][0]["value"]["choices"] == ["Rocket"] and mine["mislabeling"] > 0.5
+
+
+def test_a_label_prompt_in_the_editor_suggests_it_for_the_latest_matches(stack: Stack) -> None:
+    """Through Label Studio's interactive-annotating: a whole-image query on a labeled cat,
+    then `label: Cat` typed in the prompt: its matches' predictions pre-select Cat."""
+    task = stack.ids["chelsea.jpg"]
+    whole = {"id": "w1", "from_name": "lookalike_point", "to_name": "image",
+             "type": "keypointlabels", "value": {"x": 50, "y": 50}}  # fmt: skip
+    said = interactive(stack.ls, stack.ml_id, task, whole)["data"]["message"]
+    title = re.search(r"queued in tab '([^']+)'", said)
+    assert title, said
+    _, matches = tab(stack.ls, stack.project, title[1])
+    assert matches, said
+    prompt = {"id": "t1", "from_name": "lookalike_text", "to_name": "image", "type": "textarea",
+              "value": {"text": ["label: Cat"]}}  # fmt: skip
+    said = interactive(stack.ls, stack.ml_id, task, prompt)["data"]["message"]
+    assert "label 'Cat' suggested for them" in said, said
+    for match in matches:
+        [mine] = [p for p in stack.predictions(match) if p["model_version"] == "lookalike"]
+        assert mine["result"][0]["value"]["choices"] == ["Cat"], (match, mine["result"])

@@ -162,3 +162,42 @@ def test_a_flipped_label_lands_in_possibly_mislabeled(world: World) -> None:
     assert world.tab("Possibly mislabeled")["filters"]["items"][0]["value"] == -1
     [prediction] = [p for p in world.ls.predictions(world.project) if p["task"] == copy]
     assert prediction["result"] == [] and prediction["mislabeling"] == 0
+
+
+def interactive(world: World, task: int, region: dict) -> dict:
+    body = {
+        "tasks": [{"id": task, "data": world.ls.tasks[task]["data"]}],
+        "project": f"{world.project}.1",
+        "label_config": CHOICES_CONFIG,
+        "params": {"context": {"result": [region]}},
+    }
+    [reply] = world.client.post("/predict", json=body).json["results"]
+    return reply
+
+
+def prompt(text: str) -> dict:
+    return {"id": "t", "from_name": "lookalike_text", "to_name": "image", "type": "textarea",
+            "value": {"text": [text]}}  # fmt: skip
+
+
+def test_a_label_prompt_in_the_editor_suggests_it_for_the_latest_matches(world: World) -> None:
+    task = world.task["astronaut"]
+    said = interactive(world, task, prompt("label: Cat"))["message"]
+    assert said.startswith("Find similar first") and "'label: Cat'" in said
+    whole = {"id": "w", "from_name": "lookalike_point", "to_name": "image",
+             "type": "keypointlabels", "value": {"x": 50, "y": 50}}  # fmt: skip
+    said = interactive(world, task, whole)["message"]
+    assert "similar unlabeled tasks queued in tab" in said
+    title, matches = world.rt.state(world.project).latest_matches.get(task)
+    assert matches and title in said
+    before = suggested(world)
+    assert any(before[t][0] != ["Cat"] for t, _ in matches)  # the look-alikes' own votes
+
+    said = interactive(world, task, prompt("  Label:  Cat "))["message"]
+    assert f"queued in tab '{title}'" in said and "label 'Cat' suggested for them" in said
+    after = suggested(world)
+    assert {t: after[t][0] for t, _ in matches} == {t: ["Cat"] for t, _ in matches}
+    said = interactive(world, task, prompt("label: Dog"))["message"]
+    assert "'Dog' is not one of" in said
+    # an ordinary prompt that merely mentions a label is still a text query
+    assert "label" not in (interactive(world, task, prompt("a cat label"))["message"])

@@ -8,12 +8,14 @@ Label Studio waits 1 s for /health and /webhook and 3 s for /setup: those only t
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from label_studio_sdk.label_interface import LabelInterface
 
 from lookalike.core.embedding import TextNotSupportedError
 from lookalike.core.query import QueryError
+from lookalike.core.store import Hit
 from lookalike.errors import (
     BadRequestError,
     BusyError,
@@ -27,6 +29,7 @@ from lookalike.service.annotations import (
     own_region_ids,
     without_own_regions,
 )
+from lookalike.service.queueing import queue_matches
 from lookalike.service.runtime import Runtime
 from lookalike.service.similarity import SimilarityService, SimilarQuery
 
@@ -66,10 +69,19 @@ def predict(service: SimilarityService, body: dict[str, Any]) -> dict[str, Any]:
     if not tasks or not isinstance(tasks[0], dict) or "id" not in tasks[0]:
         raise BadRequestError("an interactive /predict needs the task it was made on")
     task = tasks[0]
+    state = service.rt.state(project)
     try:
         query = query_from_regions(int(task["id"]), regions)
-        _, outcome = service.find_and_queue(project, query, task=task, source="interactive")
-        message = outcome.message
+        label = label_prompt(query.text)
+        if label is not None:
+            message = suggest_for_latest_matches(service, project, int(task["id"]), label)
+        else:
+            hits, outcome = service.find_and_queue(
+                project, query, task=task, source="interactive"
+            )
+            matches = [(h.id, h.score) for h in hits]
+            state.latest_matches.set(int(task["id"]), outcome.title, matches)
+            message = outcome.message
     except LookalikeError as exc:  # the details go to the log; the annotator reads what to do
         message = annotator_message(exc)
         log.warning("project %s task %s: could not search: %s", project, task.get("id"), exc)
@@ -78,9 +90,38 @@ def predict(service: SimilarityService, body: dict[str, Any]) -> dict[str, Any]:
     if riding:  # one of the user's labels was selected while the query box was drawn
         labels = ", ".join(dict.fromkeys(riding))
         message += f" (the box is a query, not a '{labels}' label: it is left out when you submit)"
-    replies = service.rt.state(project).replies.add(int(task["id"]), message)
+    replies = state.replies.add(int(task["id"]), message)
     model_version = service.rt.settings.model_version
     return {"results": [status_prediction(body.get("label_config"), replies, model_version)]}
+
+
+# "label: Police car" typed in the prompt: suggest that label for the latest query's matches.
+_LABEL_PROMPT = re.compile(r"^\s*label\s*:\s*(?P<label>\S.*?)\s*$", re.IGNORECASE | re.DOTALL)
+
+
+def label_prompt(text: str | None) -> str | None:
+    """The label a `label: NAME` prompt names, or None for an ordinary text query."""
+    found = _LABEL_PROMPT.match(text or "")
+    return found["label"] if found else None
+
+
+def suggest_for_latest_matches(
+    service: SimilarityService, project: int, task_id: int, label: str
+) -> str:
+    """Bulk labels from the editor: the matches the task's latest query queued get a
+    Lookalike prediction pre-selecting `label`, in the same tab, served first again."""
+    latest = service.rt.state(project).latest_matches.get(task_id)
+    if latest is None:
+        raise QueryError(
+            f"Find similar first (a box, a double-click or a prompt), then type "
+            f"'label: {label}' to pre-select it on the matches."
+        )
+    title, matches = latest
+    hits = [Hit(task, score) for task, score in matches]
+    try:
+        return queue_matches(service.rt, project, hits, title, suggest=label).message
+    except BadRequestError as exc:  # e.g. no such label: the annotator can fix the prompt
+        raise QueryError(str(exc)) from exc
 
 
 def annotator_message(exc: LookalikeError) -> str:

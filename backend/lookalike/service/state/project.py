@@ -18,7 +18,7 @@ from lookalike.service.state.failures import Failures
 from lookalike.service.state.locks import ProjectLocks
 from lookalike.service.state.meta import ProjectMeta
 from lookalike.service.state.queueing import LabelStats, Priorities, Views
-from lookalike.service.state.replies import Replies
+from lookalike.service.state.replies import LatestMatches, Replies
 from lookalike.service.state.tasks import IndexMarks, TaskSet
 from lookalike.service.state.vectors import VectorLog
 
@@ -38,6 +38,7 @@ class ProjectState:
         self.labels = LabelStats(connection, project)
         self.locks = ProjectLocks(connection, project)
         self.replies = Replies(connection, project)
+        self.latest_matches = LatestMatches(connection, project)
         self.mislabeled = TaskSet(connection, project, "mislabeled")  # flagged, with a tab
 
     # ------------------------------------------------------------------ tasks
@@ -112,6 +113,7 @@ class ProjectState:
             self.views,
             self.labels,
             self.replies,
+            self.latest_matches,
             self.mislabeled,
         ):
             structure.delete(pipe)

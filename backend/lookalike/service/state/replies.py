@@ -1,5 +1,6 @@
-"""The last few replies to a task's interactive queries: the short history the annotator sees
-under "Lookalike says" (Label Studio shows only the latest prediction's text)."""
+"""What a task's interactive queries left behind: the last few replies (the short history the
+annotator sees under "Lookalike says"; Label Studio shows only the latest prediction's text),
+and the matches of the latest query (so a `label: NAME` prompt can suggest NAME for them)."""
 
 from __future__ import annotations
 
@@ -35,3 +36,20 @@ class Replies(Structure):
     def get(self, task_id: int) -> list[str]:
         current = self._redis.hget(self._key, str(int(task_id)))
         return json.loads(current) if current else []
+
+
+class LatestMatches(Structure):
+    """Per task: the tab and the matches (id, score) its latest interactive query queued."""
+
+    name = "latest_matches"
+
+    def set(self, task_id: int, title: str, matches: list[tuple[int, float]]) -> None:
+        entry = {"title": title, "matches": [[int(i), float(s)] for i, s in matches]}
+        self._redis.hset(self._key, str(int(task_id)), json.dumps(entry))
+
+    def get(self, task_id: int) -> tuple[str, list[tuple[int, float]]] | None:
+        current = self._redis.hget(self._key, str(int(task_id)))
+        if not current:
+            return None
+        entry = json.loads(current)
+        return entry["title"], [(int(i), float(s)) for i, s in entry["matches"]]

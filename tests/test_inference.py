@@ -88,3 +88,16 @@ def test_fp32_is_plain_float32(clip_by_precision) -> None:
     model = clip_by_precision["fp32"].model
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert not [m for m in model.modules() if "quantized" in type(m).__module__]
+
+
+def test_int8_falls_back_to_fp32_where_the_quantized_model_does_not_run(
+    model_cache_dir, photos, caplog
+) -> None:
+    # CLIP's ResNet attention pool reads its Linear layers' weights directly.
+    embedder = load_embedder("open_clip:RN50/random", cache_dir=model_cache_dir)
+    assert embedder.plan.precision == "fp32"
+    assert "int8 does not run on this model" in caplog.text
+    assert not [m for m in embedder.model.modules() if "quantized" in type(m).__module__]
+    vectors = embedder.embed_images([photos["chelsea"], photos["rocket"]])
+    assert vectors.shape == (2, embedder.dim)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)

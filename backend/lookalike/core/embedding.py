@@ -149,15 +149,23 @@ class _TorchEmbedder:
     device: str
     supports_text: bool = False
 
-    def __init__(self, model: torch.nn.Module, preprocess, plan: InferencePlan) -> None:
-        self.plan = plan
-        self.model = plan.prepare_model(model)
+    def __init__(
+        self, model: torch.nn.Module, preprocess, plan: InferencePlan, input_size: int
+    ) -> None:
+        self.input_size = input_size
+        probe = torch.zeros(1, 3, input_size, input_size, device=plan.device)
+        self.model, self.plan = plan.prepare_model(
+            model, lambda candidate: self._features_of(candidate, probe)
+        )
         self.preprocess = preprocess
-        self.device = plan.device
-        self.batch_size = plan.batch_size
-        self.load_workers = plan.load_workers
+        self.device = self.plan.device
+        self.batch_size = self.plan.batch_size
+        self.load_workers = self.plan.load_workers
 
     def _image_features(self, batch: torch.Tensor) -> torch.Tensor:
+        return self._features_of(self.model, batch)
+
+    def _features_of(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def prepare(self, image: Image.Image) -> torch.Tensor:
@@ -221,17 +229,17 @@ class OpenClipEmbedder(_TorchEmbedder):
             raise WeightsUnavailableError(_weights_help(spec, exc, weights)) from exc
         except Exception as exc:  # hub/network/file errors come in many types
             raise WeightsUnavailableError(_weights_help(spec, exc, weights)) from exc
-        super().__init__(model, preprocess, plan)
+        size = model.visual.image_size
+        size = int(size[0] if isinstance(size, tuple | list) else size)
+        super().__init__(model, preprocess, plan, size)
         self.spec = str(spec)
         self.tokenizer = open_clip.get_tokenizer(spec.name)
-        size = model.visual.image_size
-        self.input_size = int(size[0] if isinstance(size, tuple | list) else size)
         with self.plan.running():
             probe = self.tokenizer(["probe"]).to(self.device)
             self.dim = int(model.encode_text(probe).shape[-1])
 
-    def _image_features(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(batch)
+    def _features_of(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return model.encode_image(batch)
 
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         texts = list(texts)
@@ -274,13 +282,12 @@ class TimmEmbedder(_TorchEmbedder):
         except Exception as exc:
             raise WeightsUnavailableError(_weights_help(spec, exc, weights)) from exc
         config = resolve_data_config({}, model=model)
-        super().__init__(model, create_transform(**config), plan)
+        super().__init__(model, create_transform(**config), plan, int(config["input_size"][-1]))
         self.spec = str(spec)
-        self.input_size = int(config["input_size"][-1])
         self.dim = int(model.num_features)
 
-    def _image_features(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.model(batch)
+    def _features_of(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return model(batch)
 
 
 def load_embedder(

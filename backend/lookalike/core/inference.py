@@ -15,13 +15,17 @@ Chosen with bench/bench_embed.py (2-core AVX-512 CPU; ratios in the README):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from lookalike.errors import ModelError
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "int8", "bf16", "fp16")
 
@@ -66,17 +70,36 @@ class InferencePlan:
             load_workers=min(32, 2 * cpus if cuda else cpus + 4),
         )
 
-    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+    def prepare_model(
+        self, model: torch.nn.Module, probe: Callable[[torch.nn.Module], object]
+    ) -> tuple[torch.nn.Module, InferencePlan]:
+        """The model on the device at this precision, and the plan it really runs: int8 falls
+        back to fp32 (with a warning) for a model whose quantized form does not run, e.g. a
+        layer that reads a Linear's weights directly (CLIP's ResNet attention pool).
+        `probe(model)` runs one forward pass."""
         model = model.to(self.device).eval()
-        if self.precision == "int8":
-            # The image tower only (CLIP's `visual`): it is what indexing runs millions of
-            # times, and open_clip's text tower reads its Linear weights' dtype, which
-            # quantized layers no longer have. A text query is one short pass in fp32.
-            if isinstance(getattr(model, "visual", None), torch.nn.Module):
-                model.visual = _int8(model.visual)
-            else:
-                model = _int8(model)
-        return model
+        if self.precision != "int8":
+            return model, self
+        # The image tower only (CLIP's `visual`): it is what indexing runs millions of times,
+        # and open_clip's text tower reads its Linear weights' dtype, which quantized layers
+        # no longer have. A text query is one short pass in fp32.
+        tower = getattr(model, "visual", None)
+        quantized = _int8(tower if isinstance(tower, torch.nn.Module) else model)
+        candidate = model
+        if isinstance(tower, torch.nn.Module):
+            model.visual = quantized
+        else:
+            candidate = quantized
+        try:
+            with self.running():
+                probe(candidate)
+        except Exception as exc:  # the quantized graph does not run: this model stays fp32
+            log.warning("int8 does not run on this model (%s: %s); using fp32",
+                        type(exc).__name__, exc)
+            if isinstance(tower, torch.nn.Module):
+                model.visual = tower
+            return model, dataclasses.replace(self, precision="fp32")
+        return candidate, self
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:

@@ -115,11 +115,18 @@ def box_query(world: World, task: int, box: dict | None = None) -> dict:
         "type": "rectanglelabels",
         "value": {**value, **(box or {})},
     }
+    return interactive(world, task, [region])
+
+
+def interactive(
+    world: World, task: int, regions: list[dict], label_config: str = PLUGIN_CONFIG
+) -> dict:
+    """The editor's interactive /predict on `task` with these regions; the one result."""
     body = {
         "tasks": [{"id": task, "data": world.ls.tasks[task]["data"]}],
         "project": f"{world.project}.1",
-        "label_config": PLUGIN_CONFIG,
-        "params": {"context": {"result": [region]}},
+        "label_config": label_config,
+        "params": {"context": {"result": regions}},
     }
     reply = world.client.post("/predict", json=body)
     assert reply.status_code == 200, reply.json
@@ -319,13 +326,7 @@ def test_the_reply_lists_the_tasks_latest_queries_newest_first(world: World) -> 
     first = box_query(world, copy)["result"][0]["value"]["text"]
     text = {"from_name": "lookalike_text", "to_name": "image", "type": "textarea",
             "value": {"text": ["a rocket at night"]}}  # fmt: skip
-    body = {
-        "tasks": [{"id": copy, "data": world.ls.tasks[copy]["data"]}],
-        "project": f"{world.project}.1",
-        "label_config": PLUGIN_CONFIG,
-        "params": {"context": {"result": [text]}},
-    }
-    [reply] = world.client.post("/predict", json=body).json["results"]
+    reply = interactive(world, copy, [text])
     texts = reply["result"][0]["value"]["text"]
     assert texts[0] == "Text search is not available for this project's model; ask your admin."
     assert texts[1:] == first and len(texts) == 2
@@ -355,14 +356,7 @@ def test_a_label_selected_while_drawing_the_query_is_called_out(world: World) ->
         {"id": "q", "from_name": "label", "to_name": "image", "type": "rectanglelabels",
          "value": {**value, "rectanglelabels": ["Car"]}},
     ]  # fmt: skip
-    body = {
-        "tasks": [{"id": copy, "data": world.ls.tasks[copy]["data"]}],
-        "project": f"{world.project}.1",
-        "label_config": PLUGIN_CONFIG,
-        "params": {"context": {"result": regions}},
-    }
-    [reply] = world.client.post("/predict", json=body).json["results"]
-    said = reply["result"][0]["value"]["text"][0]
+    said = interactive(world, copy, regions)["result"][0]["value"]["text"][0]
     assert said.startswith("3 similar unlabeled tasks queued in tab")
     assert "not a 'Car' label: it is left out when you submit" in said
 

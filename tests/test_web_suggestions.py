@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tests.fake_label_studio import FakeLabelStudio, fake_label_studio
 from tests.services import redis_server
-from tests.test_web_label_studio import World, near_copy, png
+from tests.test_web_label_studio import World, interactive, near_copy, png
 
 from lookalike.config import Settings
 from lookalike.service import jobs
@@ -164,15 +164,8 @@ def test_a_flipped_label_lands_in_possibly_mislabeled(world: World) -> None:
     assert prediction["result"] == [] and prediction["mislabeling"] == 0
 
 
-def interactive(world: World, task: int, region: dict) -> dict:
-    body = {
-        "tasks": [{"id": task, "data": world.ls.tasks[task]["data"]}],
-        "project": f"{world.project}.1",
-        "label_config": CHOICES_CONFIG,
-        "params": {"context": {"result": [region]}},
-    }
-    [reply] = world.client.post("/predict", json=body).json["results"]
-    return reply
+def interactive_choices(world: World, task: int, region: dict) -> dict:
+    return interactive(world, task, [region], CHOICES_CONFIG)
 
 
 def prompt(text: str) -> dict:
@@ -182,22 +175,22 @@ def prompt(text: str) -> dict:
 
 def test_a_label_prompt_in_the_editor_suggests_it_for_the_latest_matches(world: World) -> None:
     task = world.task["astronaut"]
-    said = interactive(world, task, prompt("label: Cat"))["message"]
+    said = interactive_choices(world, task, prompt("label: Cat"))["message"]
     assert said.startswith("Find similar first") and "'label: Cat'" in said
     whole = {"id": "w", "from_name": "lookalike_point", "to_name": "image",
              "type": "keypointlabels", "value": {"x": 50, "y": 50}}  # fmt: skip
-    said = interactive(world, task, whole)["message"]
+    said = interactive_choices(world, task, whole)["message"]
     assert "similar unlabeled tasks queued in tab" in said
     title, matches = world.rt.state(world.project).latest_matches.get(task)
     assert matches and title in said
     before = suggested(world)
-    assert any(before[t][0] != ["Cat"] for t, _ in matches)  # the look-alikes' own votes
+    assert any(before[h.id][0] != ["Cat"] for h in matches)  # the look-alikes' own votes
 
-    said = interactive(world, task, prompt("  Label:  Cat "))["message"]
+    said = interactive_choices(world, task, prompt("  Label:  Cat "))["message"]
     assert f"queued in tab '{title}'" in said and "label 'Cat' suggested for them" in said
     after = suggested(world)
-    assert {t: after[t][0] for t, _ in matches} == {t: ["Cat"] for t, _ in matches}
-    said = interactive(world, task, prompt("label: Dog"))["message"]
+    assert {h.id: after[h.id][0] for h in matches} == {h.id: ["Cat"] for h in matches}
+    said = interactive_choices(world, task, prompt("label: Dog"))["message"]
     assert "'Dog' is not one of" in said
     # an ordinary prompt that merely mentions a label is still a text query
-    assert "label" not in (interactive(world, task, prompt("a cat label"))["message"])
+    assert "label" not in (interactive_choices(world, task, prompt("a cat label"))["message"])

@@ -193,7 +193,6 @@ class LabelStudioClient:
             return fetch_url(url, limits)  # a plain web URL: no Label Studio credentials
         from label_studio_sdk._extensions.label_studio_tools.core.utils.io import get_local_path
 
-
         def download(directory: Path) -> str:
             return get_local_path(
                 url,

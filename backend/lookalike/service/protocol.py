@@ -15,7 +15,6 @@ from label_studio_sdk.label_interface import LabelInterface
 
 from lookalike.core.embedding import TextNotSupportedError
 from lookalike.core.query import QueryError
-from lookalike.core.store import Hit
 from lookalike.errors import (
     BadRequestError,
     BusyError,
@@ -79,8 +78,7 @@ def predict(service: SimilarityService, body: dict[str, Any]) -> dict[str, Any]:
             hits, outcome = service.find_and_queue(
                 project, query, task=task, source="interactive"
             )
-            matches = [(h.id, h.score) for h in hits]
-            state.latest_matches.set(int(task["id"]), outcome.title, matches)
+            state.latest_matches.set(int(task["id"]), outcome.title, hits)
             message = outcome.message
     except LookalikeError as exc:  # the details go to the log; the annotator reads what to do
         message = annotator_message(exc)
@@ -116,8 +114,7 @@ def suggest_for_latest_matches(
             f"Find similar first (a box, a double-click or a prompt), then type "
             f"'label: {label}' to pre-select it on the matches."
         )
-    title, matches = latest
-    hits = [Hit(task, score) for task, score in matches]
+    title, hits = latest
     try:
         return queue_matches(service.rt, project, hits, title, suggest=label).message
     except BadRequestError as exc:  # e.g. no such label: the annotator can fix the prompt

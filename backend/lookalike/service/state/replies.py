@@ -8,6 +8,7 @@ import json
 
 from redis.exceptions import WatchError
 
+from lookalike.core.store import Hit
 from lookalike.service.state.base import Structure
 
 REPLIES_KEPT = 5
@@ -39,17 +40,17 @@ class Replies(Structure):
 
 
 class LatestMatches(Structure):
-    """Per task: the tab and the matches (id, score) its latest interactive query queued."""
+    """Per task: the tab and the matches its latest interactive query queued."""
 
     name = "latest_matches"
 
-    def set(self, task_id: int, title: str, matches: list[tuple[int, float]]) -> None:
-        entry = {"title": title, "matches": [[int(i), float(s)] for i, s in matches]}
+    def set(self, task_id: int, title: str, hits: list[Hit]) -> None:
+        entry = {"title": title, "matches": [[int(h.id), float(h.score)] for h in hits]}
         self._redis.hset(self._key, str(int(task_id)), json.dumps(entry))
 
-    def get(self, task_id: int) -> tuple[str, list[tuple[int, float]]] | None:
+    def get(self, task_id: int) -> tuple[str, list[Hit]] | None:
         current = self._redis.hget(self._key, str(int(task_id)))
         if not current:
             return None
         entry = json.loads(current)
-        return entry["title"], [(int(i), float(s)) for i, s in entry["matches"]]
+        return entry["title"], [Hit(int(i), float(s)) for i, s in entry["matches"]]

@@ -25,7 +25,8 @@ RUN pip install --index-url "${TORCH_INDEX}" \
 
 COPY pyproject.toml README.md /tmp/src/
 COPY backend /tmp/src/backend
-RUN pip install /tmp/src && rm -rf /tmp/src
+# With the Milvus client, so the same image runs with or without LOOKALIKE_VECTOR_DB.
+RUN pip install "/tmp/src[milvus]" && rm -rf /tmp/src
 
 # Run as an unprivileged user. /data/models exists in the image owned by that user, so a fresh
 # named volume mounted there (the model cache) starts out writable by it.

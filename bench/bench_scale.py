@@ -14,6 +14,7 @@ web process that loads its snapshot.
     .venv/bin/python bench/bench_scale.py                 # 100k and 1M
     .venv/bin/python bench/bench_scale.py --n 20000000    # one size
     .venv/bin/python bench/bench_scale.py --n 20000000 --no-web --codes SQ4 --train-per-list 20
+    .venv/bin/python bench/bench_scale.py --engine milvus --n 100000   # Milvus as the engine
 
 Prints a table and writes bench/results/scale.json (or --out).
 """
@@ -21,6 +22,7 @@ Prints a table and writes bench/results/scale.json (or --out).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -239,6 +241,90 @@ def web_path(n: int, plan: IndexPlan, query: np.ndarray) -> dict:
         }
 
 
+def milvus_run(n: int, queries_n: int, uri: str | None) -> dict:
+    """The same measurements with Milvus as the engine (`LOOKALIKE_VECTOR_DB`): a real Redis and
+    a `milvus-lite server` started here, vectors written through `ProjectState.put_vectors` as
+    workers write them, searches through the web's `MilvusIndexes` (filter inside Milvus plus
+    the labeled check against Redis). The web process holds no vectors; memory is the Milvus
+    server's RSS growth. With `uri`, an existing Milvus instead (memory not measured)."""
+    import redis
+
+    from lookalike.config import Settings
+    from lookalike.service.runtime import Runtime
+    from lookalike.service.vector_db import MilvusIndexes
+    from lookalike_dev.devstack import milvus_server, redis_server
+
+    with (tempfile.TemporaryDirectory() as tmp, redis_server(Path(tmp) / "redis") as url,
+          (contextlib.nullcontext() if uri else milvus_server(Path(tmp) / "milvus")) as server):
+        server_rss0 = _process_rss(server)
+        rt = Runtime(Settings(redis_url=url, vector_db=uri or server.uri, data_dir=Path(tmp)))
+        state = rt.state(1)
+        state.vectors.collection.drop()  # an earlier run's
+        mask = excluded_mask(n)
+        labeled = np.flatnonzero(mask.contains(np.arange(n, dtype=np.int64))).tolist()
+        state.replace_tasks(range(n + 100), labeled=labeled)
+        state.meta.claim_model("bench", DIM)
+        start = time.perf_counter()
+        for ids, vectors in chunks(n):
+            for s in range(0, len(ids), 2000):
+                state.put_vectors(ids[s : s + 2000].tolist(), vectors[s : s + 2000])
+        build_s = time.perf_counter() - start
+        redis.Redis.from_url(url).xtrim("lookalike:project:1:changes", maxlen=0)
+        indexes = MilvusIndexes(rt.state)
+        query_ids = np.arange(queries_n, dtype=np.int64) * (n // queries_n)
+        queries = chunk_vectors(n + 1000, n + 1000 + queries_n, seed=5)
+        truth = exact_truth(n, queries, query_ids, mask)
+        project = indexes.get(1)
+        first = time.perf_counter()
+        project.search(queries[0], K, {int(query_ids[0])})  # the first search loads segments
+        first_s = time.perf_counter() - first
+        times, found = [], []
+        for query, query_id in zip(queries, query_ids, strict=True):
+            t0 = time.perf_counter()
+            hits = indexes.get(1).search(query, K, {int(query_id)})
+            times.append(time.perf_counter() - t0)
+            found.append([h.id for h in hits])
+        recall = float(np.mean([len(set(f) & set(t)) / K for f, t in zip(found, truth,
+                                                                          strict=True)]))
+        add, remove = [], []
+        for offset, vector in enumerate(chunk_vectors(n + 10, n + 60, seed=9)):
+            task = n + 10 + offset
+            t0 = time.perf_counter()
+            state.put_vectors([task], vector[None, :])
+            t1 = time.perf_counter()
+            indexes.get(1).search(queries[0], K)
+            t2 = time.perf_counter()
+            state.remove_tasks([task])
+            t3 = time.perf_counter()
+            indexes.get(1).search(queries[0], K)
+            add.append(t1 - t0)
+            remove.append(t3 - t2)
+        return {
+            "n": n,
+            "index": "Milvus HNSW M=16 ef=max(128,4k), Strong",
+            "build_s": build_s,
+            "engine_rss_bytes_per_vector": (
+                (_process_rss(server) - server_rss0) / n if server else float("nan")),
+            "search_p50_ms": pct(times, 50),
+            "search_p99_ms": pct(times, 99),
+            "recall_at_20": recall,
+            "add_one_ms": statistics.median(add) * 1000,
+            "remove_one_ms": statistics.median(remove) * 1000,
+            "cold_start_s": first_s,
+            "web_rss_bytes_per_vector": 0.0,  # the web process queries Milvus, holds nothing
+            "redis_bytes_per_vector": 0.0,  # only tasks, labels and the change log
+        }
+
+
+def _process_rss(server) -> int:
+    """RSS of the Milvus server's process group leader, in bytes (0: not ours)."""
+    if server is None:
+        return 0
+    pid = server._proc.pid
+    with open(f"/proc/{pid}/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def run(n: int, plan: IndexPlan, web: bool, queries_n: int) -> dict:
     gc.collect()
     rss0 = rss_bytes()
@@ -288,11 +374,22 @@ def main() -> None:
                         help="training vectors per list (fewer: faster training at 20M)")
     parser.add_argument("--no-web", action="store_true",
                         help="skip the Redis + web-process path (engine only, e.g. for 20M)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results/scale.json")
+    parser.add_argument("--engine", choices=["embedded", "milvus"], default="embedded",
+                        help="milvus: the same table with a milvus-lite server as the engine")
+    parser.add_argument("--milvus-uri", help="with --engine milvus: an existing Milvus "
+                        "(milvus://host:19530) instead of a milvus-lite server started here")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON report (default bench/results/scale[-milvus].json)")
     args = parser.parse_args()
+    suffix = "" if args.engine == "embedded" else f"-{args.engine}"
+    args.out = args.out or Path(__file__).parent / f"results/scale{suffix}.json"
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     plan = IndexPlan(codes=args.codes, train_per_list=args.train_per_list)
-    rows = [run(n, plan, not args.no_web, args.queries) for n in args.n or [100_000, 1_000_000]]
+    sizes = args.n or [100_000, 1_000_000]
+    if args.engine == "milvus":
+        rows = [milvus_run(n, args.queries, args.milvus_uri) for n in sizes]
+    else:
+        rows = [run(n, plan, not args.no_web, args.queries) for n in sizes]
     columns = [
         ("n", "{:,}"), ("index", "{}"), ("build_s", "{:.1f}"),
         ("engine_rss_bytes_per_vector", "{:.0f}"), ("snapshot_bytes_per_vector", "{:.0f}"),
@@ -308,7 +405,8 @@ def main() -> None:
     for row in rows:
         print(" | ".join(fmt.format(row[name]) if name in row else "-" for name, fmt in columns))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+    report = {"engine": args.engine,
+              "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "dim": DIM, "clusters": CLUSTERS, "k": K, "rows": rows}
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

@@ -16,6 +16,7 @@ from typing import Any
 
 from lookalike_dev.devstack import (
     LabelStudioServer,
+    MilvusServer,
     ServiceError,
     free_port,
     label_studio_available,
@@ -24,6 +25,7 @@ from lookalike_dev.devstack import (
     lookalike_process,
     ls_executable,
     ls_venv,
+    milvus_server,
     redis_available,
     redis_server,
     stop_process_group,
@@ -32,6 +34,7 @@ from lookalike_dev.devstack import (
 
 __all__ = [
     "LabelStudioServer",
+    "MilvusServer",
     "ServiceError",
     "backend_env",
     "free_port",
@@ -42,6 +45,7 @@ __all__ = [
     "lookalike_process",
     "ls_executable",
     "ls_venv",
+    "milvus_server",
     "redis_available",
     "redis_server",
     "serving",
@@ -129,3 +133,15 @@ def serving(
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/health", timeout, proc=serve, log_path=log_path)
         yield url
+
+
+def drop_milvus_collections(uri: str) -> None:
+    """Forget every collection on a test's Milvus server (tests reuse project ids)."""
+    from pymilvus import MilvusClient
+
+    client = MilvusClient(uri=uri.replace("milvus://", "http://"))
+    try:
+        for name in client.list_collections():
+            client.drop_collection(name)
+    finally:
+        client.close()

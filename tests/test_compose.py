@@ -52,7 +52,7 @@ def _compose_tool() -> list[str] | None:
     return None
 
 
-def _run_config(env_file: Path) -> subprocess.CompletedProcess[str]:
+def _run_config(env_file: Path, *options: str) -> subprocess.CompletedProcess[str]:
     tool = _compose_tool()
     if tool is None:
         pytest.skip(
@@ -62,7 +62,7 @@ def _run_config(env_file: Path) -> subprocess.CompletedProcess[str]:
     # A clean environment: shell variables would override the env file's values.
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(env_file.parent)}
     return subprocess.run(
-        [*tool, "--env-file", str(env_file), "-f", str(COMPOSE_FILE), "config"],
+        [*tool, "--env-file", str(env_file), "-f", str(COMPOSE_FILE), *options, "config"],
         capture_output=True,
         text=True,
         check=False,
@@ -352,3 +352,35 @@ def test_the_backend_is_secured_by_default(services: dict[str, dict[str, Any]]) 
     for port in services["lookalike"].get("ports") or []:
         host_ip = port.get("host_ip") if isinstance(port, dict) else str(port).split(":")[0]
         assert host_ip == "127.0.0.1", port
+
+
+# ---------------------------------------------------------------------------- Milvus profile
+MILVUS_SERVICES = ("milvus", "milvus-etcd", "milvus-minio")
+
+
+def test_milvus_profile_is_accepted_and_wired_to_the_backend(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    text = ENV_EXAMPLE.read_text()
+    # What the README and .env.example tell people to set for the bundled Milvus.
+    text = text.replace("# LOOKALIKE_VECTOR_DB=milvus://milvus:19530", "")
+    text = text.replace("\nLOOKALIKE_VECTOR_DB=\n", "\nLOOKALIKE_VECTOR_DB=milvus://milvus:19530\n")
+    env_file.write_text(text)
+    result = _run_config(env_file, "--profile", "milvus")
+    assert result.returncode == 0, f"compose config rejected the profile:\n{result.stderr}"
+    services = yaml.safe_load(result.stdout)["services"]
+    for name in MILVUS_SERVICES:
+        assert services[name].get("profiles") == ["milvus"], name
+    milvus = services["milvus"]
+    assert "milvus-etcd:2379" in _environment(milvus)["ETCD_ENDPOINTS"]
+    assert "milvus-minio:9000" in _environment(milvus)["MINIO_ADDRESS"]
+    assert "9091/healthz" in _healthcheck_text(milvus)
+    for name in BACKEND_SERVICES:
+        target = urlparse(_environment(services[name])["LOOKALIKE_VECTOR_DB"])
+        assert (target.scheme, target.hostname, target.port) == ("milvus", "milvus", 19530)
+
+
+def test_without_the_profile_the_vectors_stay_in_redis(services: dict[str, dict[str, Any]]) -> None:
+    for name in BACKEND_SERVICES:
+        assert _environment(services[name])["LOOKALIKE_VECTOR_DB"] == ""
+    for name in ("label-studio", "redis", *BACKEND_SERVICES):
+        assert not services[name].get("profiles"), name  # always started

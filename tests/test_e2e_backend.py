@@ -10,6 +10,7 @@ Two backends share one Label Studio and one Redis (separate queues and databases
 
 from __future__ import annotations
 
+import contextlib
 import io
 import shutil
 import time
@@ -28,6 +29,7 @@ from tests.services import (
     label_studio_server,
     local_http_server,
     lookalike_process,
+    milvus_server,
     redis_server,
     wait_http,
 )
@@ -101,6 +103,7 @@ class Stack:
     image_dir: Path
     photos_redis_url: str
     root: Path  # logs: photos-serve.log, photos-worker-1.log, ...
+    vector_db: str  # LOOKALIKE_VECTOR_DB: "" (embedded) or the test's Milvus server
 
 
 def create_project(ls: LabelStudioServer, title: str) -> int:
@@ -185,9 +188,13 @@ def status_message(reply: dict) -> str:
     return reply["data"]["result"][0]["value"]["text"][0]
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("e2e")
+@pytest.fixture(scope="module", params=["embedded", "milvus"])
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """The whole suite runs twice: vectors in Redis with FAISS in the web process, then in a
+    Milvus-protocol server (`milvus-lite server` on 127.0.0.1) that the web queries."""
+    root = tmp_path_factory.mktemp(f"e2e-{request.param}")
     weights = convert_efficientnet_lite0(root / "efficientnet_lite0.pth")
     image_dir = root / "images"
     image_dir.mkdir()
@@ -204,12 +211,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         redis_server(root / "redis") as redis_url,
         label_studio_server(root / "ls", document_root=root) as ls,
         local_http_server(image_dir) as image_url,
+        (milvus_server(root / "milvus") if request.param == "milvus"
+         else contextlib.nullcontext()) as milvus,
     ):
+        vector_db = milvus.uri if milvus is not None else ""
         common = {
             "LABEL_STUDIO_URL": ls.url,
             "LABEL_STUDIO_API_KEY": ls.api_key,
             "LOOKALIKE_SIMILAR_K": "5",
             "LOOKALIKE_AUTO_K": "3",
+            "LOOKALIKE_VECTOR_DB": vector_db,
         }
         photos_env = {
             **common,
@@ -273,6 +284,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 image_dir=image_dir,
                 photos_redis_url=photos_env["REDIS_URL"],
                 root=root,
+                vector_db=vector_db,
             )
 
 
@@ -601,8 +613,15 @@ def test_resync_repairs_drift(indexed: Stack) -> None:
     status = photos.status()
     # Simulate a lost webhook: drop one task's vector behind the backend's back.
     victim = indexed.names["camera.jpg"]
-    client = redis_lib.Redis.from_url(indexed.photos_redis_url)
-    assert client.setbit(f"lookalike:project:{photos.project}:vectors:present", victim, 0) == 1
+    if indexed.vector_db:
+        from pymilvus import MilvusClient
+
+        milvus = MilvusClient(uri=indexed.vector_db.replace("milvus://", "http://"))
+        milvus.delete(f"lookalike_project_{photos.project}", ids=[victim])
+        milvus.close()
+    else:
+        client = redis_lib.Redis.from_url(indexed.photos_redis_url)
+        assert client.setbit(f"lookalike:project:{photos.project}:vectors:present", victim, 0)
     assert photos.status()["indexed"] == status["indexed"] - 1
     response = requests.post(f"{photos.url}/api/projects/{photos.project}/sync", timeout=10)
     assert response.status_code == 202
@@ -739,7 +758,11 @@ def test_metrics_logs_and_status(indexed: Stack) -> None:
 
     status = subprocess.run(
         [sys.executable, "-m", "lookalike.cli", "status", "--json"],
-        env={"REDIS_URL": indexed.photos_redis_url, "PATH": "/usr/bin:/bin"},
+        env={
+            "REDIS_URL": indexed.photos_redis_url,
+            "LOOKALIKE_VECTOR_DB": indexed.vector_db,
+            "PATH": "/usr/bin:/bin",
+        },
         capture_output=True,
         text=True,
         timeout=60,
@@ -782,3 +805,23 @@ def test_local_storage_tasks_are_indexed_through_the_webhook(indexed: Stack) -> 
     assert all("/data/local-files/" in t["data"]["image"] for t in tasks)
     hits = backend.similar(task_id=by_name["chelsea_copy.jpg"], k=1).json()["results"]
     assert hits[0]["task_id"] == by_name["chelsea.jpg"]
+
+
+def test_reindex_starts_clean_and_labeled_tasks_stay_out(indexed: Stack) -> None:
+    """Last in the module: it empties the photos project's vectors and indexes them again."""
+    photos, names = indexed.photos, indexed.names
+    before = photos.status()
+    labeled = before["labeled"]
+    assert labeled >= 1  # the rare-label test annotated some
+    response = requests.post(f"{photos.url}/api/projects/{photos.project}/reindex", timeout=10)
+    assert response.status_code == 202, response.text
+    wait_for(lambda: photos.status()["indexed"] < before["indexed"] or None, 60, "the reset")
+    wait_for(
+        lambda: photos.status()["indexed"] == before["indexed"] or None, 240, "the reindex"
+    )
+    after = photos.status()
+    assert after["labeled"] == labeled and after["pending"] == 0
+    hits = photos.similar(task_id=names["coffee_copy.jpg"], k=10).json()["results"]
+    ids = [h["task_id"] for h in hits]
+    assert names["coffee.jpg"] not in ids  # labeled (rare-label test): excluded
+    assert names["coffee_copy.jpg"] not in ids and len(ids) == len(set(ids))

@@ -32,6 +32,7 @@ from tests.services import (
     free_port,
     label_studio_server,
     lookalike_process,
+    milvus_server,
     redis_server,
     serving,
 )
@@ -305,3 +306,50 @@ def test_a_killed_worker_leaves_no_scheduler_behind(stack: Stack, tmp_path: Path
             os.kill(worker.pid, signal.SIGKILL)
             worker.wait(timeout=30)
             wait_for(lambda: not any(running(p) for p in scheduler), 30, "the scheduler to go")
+
+
+def test_milvus_stopped_and_restarted_mid_indexing(stack: Stack, tmp_path: Path) -> None:
+    """Milvus (a `milvus-lite server`) as the vector engine, stopped for 10 s while a worker
+    indexes: index-status and searches say why instead of failing, index batches wait for it,
+    and every task ends up indexed exactly once after it is back, with no hand on anything."""
+    with milvus_server(tmp_path / "milvus") as milvus:
+        env = {**stack.env, "LOOKALIKE_VECTOR_DB": milvus.uri,
+               "LOOKALIKE_DATA_DIR": str(tmp_path / "data")}
+        with (
+            serving(env, tmp_path / "serve.log") as url,
+            lookalike_process(["worker"], env, tmp_path / "worker.log") as worker,
+        ):
+            project = create_project(stack.ls, "milvus restart")
+            upload(stack.ls, project, generated_photos(TASKS, seed=6))
+            connect(stack.ls, project, url, "lookalike")
+            connection = redis.Redis.from_url(stack.redis_url)
+            status_url = f"{url}/api/projects/{project}/index-status"
+            wait_for(lambda: index_batch_running(connection), 120, "a running index batch")
+            milvus.stop()
+            down_at = time.monotonic()
+            reply = requests.get(status_url, timeout=30)
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["indexed"] is None and "unreachable" in reply.json()["error"]
+            reply = requests.post(f"{url}/api/projects/{project}/similar",
+                                  json={"task_id": 1}, timeout=60)
+            assert reply.status_code == 503 and "unreachable" in reply.json()["error"]
+            time.sleep(10)
+            milvus.start()
+            wait_for(lambda: all_indexed(url, project, TASKS), 300, "indexing after Milvus")
+            recovery = time.monotonic() - down_at
+            assert worker.poll() is None, "the worker exited"
+            status = requests.get(status_url, timeout=30).json()
+            assert (status["failed"], status["pending"], status["error"]) == (0, 0, None), status
+            vectors = ProjectState(connection, project, _engine(env)).vectors
+            assert vectors.count() == len(vectors.ids()) == TASKS  # exactly once
+            hits = requests.post(f"{url}/api/projects/{project}/similar",
+                                 json={"task_id": min(vectors.ids()), "k": 5}, timeout=60)
+            assert hits.status_code == 200 and len(hits.json()["results"]) == 5
+    print(f"Milvus down 10 s mid-indexing: all {TASKS} tasks indexed {recovery:.0f} s later")
+
+
+def _engine(env: dict[str, str]):
+    from lookalike.config import Settings
+    from lookalike.service.vector_db import VectorDB
+
+    return VectorDB.from_settings(Settings.from_env(env))

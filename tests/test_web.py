@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 import redis
 from flask.testing import FlaskClient
-from tests.services import free_port, redis_server
+from tests.services import (
+    MilvusServer,
+    drop_milvus_collections,
+    free_port,
+    milvus_server,
+    redis_server,
+)
 
 from lookalike.config import Settings
 from lookalike.service.runtime import Runtime
@@ -28,13 +34,23 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture
-def rt(redis_url: str, tmp_path) -> Iterator[Runtime]:
-    settings = Settings(redis_url=redis_url, data_dir=tmp_path, similar_k=3)
+@pytest.fixture(scope="module")
+def milvus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusServer]:
+    with milvus_server(tmp_path_factory.mktemp("milvus")) as server:
+        yield server
+
+
+@pytest.fixture(params=["embedded", "milvus"])
+def rt(request: pytest.FixtureRequest, redis_url: str, tmp_path) -> Iterator[Runtime]:
+    """Every test here runs with both vector engines: the same HTTP behaviour either way."""
+    vector_db = request.getfixturevalue("milvus").uri if request.param == "milvus" else ""
+    settings = Settings(redis_url=redis_url, data_dir=tmp_path, similar_k=3, vector_db=vector_db)
     runtime = Runtime(settings)
     runtime.redis.flushdb()
     yield runtime
     runtime.redis.flushdb()
+    if vector_db:
+        drop_milvus_collections(vector_db)
 
 
 @pytest.fixture

@@ -61,6 +61,10 @@ class Settings:
     max_searches: int = field(default=8, metadata={"env": "LOOKALIKE_MAX_SEARCHES"})
     exact_limit: int = field(default=100_000, metadata={"env": "LOOKALIKE_EXACT_LIMIT"})
     index_codes: str = field(default="SQ8", metadata={"env": "LOOKALIKE_INDEX_CODES"})
+    vector_db: str = field(default="", metadata={"env": "LOOKALIKE_VECTOR_DB"})
+    vector_db_token: str = field(
+        default="", repr=False, metadata={"env": "LOOKALIKE_VECTOR_DB_TOKEN"}
+    )
     set_sampling: bool = field(default=True, metadata={"env": "LOOKALIKE_SET_SAMPLING"})
     auto_prioritize: bool = field(default=True, metadata={"env": "LOOKALIKE_AUTO_PRIORITIZE"})
     auto_k: int = field(default=10, metadata={"env": "LOOKALIKE_AUTO_K"})

@@ -51,7 +51,7 @@ class UpstreamError(LookalikeError):
 
 
 class UnavailableError(LookalikeError):
-    """Lookalike's own backing store (Redis) cannot be reached right now."""
+    """Lookalike's own backing store (Redis, the vector database) cannot be reached now."""
 
     http_status = 503
 

@@ -277,6 +277,73 @@ def redis_server(
 
 
 # --------------------------------------------------------------------------------------------
+# Milvus (milvus-lite's gRPC server: the protocol pymilvus speaks to a real cluster)
+
+
+def milvus_executable() -> str | None:
+    beside = Path(sys.executable).parent / "milvus-lite"  # installed in this venv
+    return str(beside) if beside.exists() else shutil.which("milvus-lite")
+
+
+class MilvusServer:
+    """A ``milvus-lite server`` on 127.0.0.1 that can be stopped and started again on the same
+    port and data directory (outage tests); ``uri`` is what LOOKALIKE_VECTOR_DB takes."""
+
+    def __init__(self, workdir: Path, timeout: float = 60.0) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.timeout = timeout
+        self.log_path = workdir / "milvus.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"milvus://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        executable = milvus_executable()
+        if executable is None:
+            raise ServiceError("milvus-lite not found (pip install milvus-lite)")
+        argv = [executable, "server", "--data-dir", str(self.workdir / "data"),
+                "--host", "127.0.0.1", "--port", str(self.port)]
+        self._proc = _spawn(argv, os.environ, self.log_path, cwd=self.workdir)
+        deadline = time.monotonic() + self.timeout
+        while not _accepts(self.port):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise ServiceError(
+                    f"milvus-lite did not listen on port {self.port}\n"
+                    f"--- log tail ---\n{log_tail(self.log_path)}"
+                )
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            stop_process_group(self._proc)
+            self._proc = None
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def milvus_server(tmpdir: str | os.PathLike[str] | None = None) -> Iterator[MilvusServer]:
+    """Run a throw-away Milvus-protocol server; yields it (``.uri``, ``.stop()``, ``.start()``)."""
+    with _work_dir(tmpdir, "lookalike-milvus-") as workdir:
+        server = MilvusServer(workdir)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+# --------------------------------------------------------------------------------------------
 # Label Studio
 
 

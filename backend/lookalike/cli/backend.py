@@ -52,6 +52,17 @@ def register(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--port", type=int, default=9090, help="backend port (9090)")
     demo.set_defaults(handler=cmd_demo)
 
+    copy = commands.add_parser(
+        "copy-vectors",
+        help="move the vectors Redis holds into the Milvus at LOOKALIKE_VECTOR_DB",
+        description="Switching to Milvus without embedding again: copy each project's vectors "
+        "from Redis (the embedded engine) into Milvus, then free them in Redis. Safe to run "
+        "again after an interruption. Stop the workers first.",
+    )
+    copy.add_argument("projects", type=int, nargs="*", help="project ids (default: all)")
+    copy.add_argument("--keep", action="store_true", help="leave the vectors in Redis too")
+    copy.set_defaults(handler=cmd_copy_vectors)
+
     status = commands.add_parser("status", help="print each project's indexing progress")
     status.add_argument("--json", action="store_true", help="print as JSON")
     status.set_defaults(handler=cmd_status)
@@ -153,6 +164,18 @@ def cmd_sync(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_copy_vectors(args: argparse.Namespace, settings: Settings) -> int:
+    from lookalike.service.runtime import Runtime
+    from lookalike.service.state import known_projects
+    from lookalike.service.vector_db import copy_from_redis
+
+    rt = Runtime(settings)
+    for project in args.projects or known_projects(rt.redis):
+        copied = copy_from_redis(rt.state(project), keep=args.keep)
+        print(f"project {project}: {copied} vectors copied to {rt.vector_db.target.shown}")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from lookalike.service import status
     from lookalike.service.runtime import Runtime
@@ -173,11 +196,11 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print("no projects yet: connect Lookalike to a Label Studio project")
     for s in statuses:
         total = max(s["total"], 1)
-        done = int(30 * (s["indexed"] + s["failed"]) / total)
+        done = int(30 * ((s["indexed"] or 0) + s["failed"]) / total)  # None: Milvus down
         bar = "#" * done + "-" * (30 - done)
         print(
             f"project {s['project']:>5} [{bar}] {s['indexed']}/{s['total']} indexed, "
-            f"{s['pending']} pending, {s['failed']} failed"
+            f"{s['pending'] if s['pending'] is not None else '?'} pending, {s['failed']} failed"
         )
         if s.get("error"):
             print(f"    error: {s['error']}")

@@ -17,6 +17,7 @@ from PIL import Image
 
 from lookalike.core.images import ImageLoadError, decode_image
 from lookalike.core.pipeline import Item, run_pipeline
+from lookalike.errors import UnavailableError
 from lookalike.service.annotations import annotation_labels
 from lookalike.service.ls_client import LabelStudioError, image_field
 from lookalike.service.metrics import record_indexing
@@ -31,10 +32,13 @@ from lookalike.timeouts import (
 log = logging.getLogger(__name__)
 
 # Reasons worth retrying: the file may come back. A corrupt image will not fix itself.
-TRANSIENT_REASONS = frozenset({"timeout", "download_failed", "http_error", "unreadable"})
-# No answer at all (connection refused, timed out): Label Studio or the image host is down.
-# Retried on the outage schedule (about an hour), not turned into final failures in minutes.
-OUTAGE_REASONS = frozenset({"timeout", "download_failed"})
+TRANSIENT_REASONS = frozenset(
+    {"timeout", "download_failed", "http_error", "unreadable", "vector_db_unavailable"}
+)
+# No answer at all (connection refused, timed out): Label Studio, the image host or the vector
+# database is down. Retried on the outage schedule (about an hour), not turned into final
+# failures in minutes.
+OUTAGE_REASONS = frozenset({"timeout", "download_failed", "vector_db_unavailable"})
 LISTING_PROGRESS_EVERY = 1000
 
 Report = Callable[..., None]  # job progress: report(listed=..., indexed=...)
@@ -166,12 +170,19 @@ class ProjectStateWriter:
         self.outage = False  # some retried task got no answer at all
 
     def write(self, items: list[Item], vectors: np.ndarray) -> None:
-        self.state.put_vectors([item.key for item in items], vectors, only_known=True)
+        try:
+            self.state.put_vectors([item.key for item in items], vectors, only_known=True)
+        except UnavailableError as exc:  # the vector database is down: retried when back
+            for item in items:
+                self.fail(item, exc)
+            return
         self.indexed += len(items)
 
     def fail(self, item: Item, error: Exception) -> None:
         if isinstance(error, ImageLoadError):
             reason, message = error.reason, str(error)
+        elif isinstance(error, UnavailableError):
+            reason, message = "vector_db_unavailable", str(error)
         else:  # a bug or an unexpected library error: that task fails, not its batch
             reason, message = "error", f"error: {type(error).__name__}: {error}"
         outage = reason in OUTAGE_REASONS
@@ -211,19 +222,26 @@ def index_batch(
         raise
     # Tasks deleted since this job was queued (TASKS_DELETED, a resync) must not come back.
     tasks = [t for t in tasks if int(t["id"]) in state.tasks]
-    reader = TaskImageReader(rt, state, tasks)
     writer = ProjectStateWriter(state, attempt, rt.settings.max_attempts)
-    done = 0
+    try:
+        state.vectors.ping()
+    except UnavailableError as exc:  # no vector database: wait for it instead of embedding
+        for task in tasks:
+            writer.fail(Item(int(task["id"]), task), exc)
+        record_indexing(rt.redis, 0, writer.failed, None)
+    else:
+        done = 0
 
-    def progress(count: int) -> None:
-        nonlocal done
-        done += count
-        report(fetched=done, batch=len(tasks), attempt=attempt)
+        def progress(count: int) -> None:
+            nonlocal done
+            done += count
+            report(fetched=done, batch=len(tasks), attempt=attempt)
 
-    result = run_pipeline(reader, model, writer, progress=progress)
-    record_indexing(rt.redis, writer.indexed, writer.failed, result.embed_seconds or None)
-    retrying = {int(t["id"]) for t in writer.retry}
-    state.index_marks.unmark(int(t["id"]) for t in tasks if int(t["id"]) not in retrying)
+        reader = TaskImageReader(rt, state, tasks)
+        result = run_pipeline(reader, model, writer, progress=progress)
+        record_indexing(rt.redis, writer.indexed, writer.failed, result.embed_seconds or None)
+        retrying = {int(t["id"]) for t in writer.retry}
+        state.index_marks.unmark(int(t["id"]) for t in tasks if int(t["id"]) not in retrying)
     if writer.retry:
         delays = LABEL_STUDIO_OUTAGE_RETRY_DELAYS if writer.outage else DOWNLOAD_RETRY_DELAYS
         delay = delays[min(attempt, len(delays)) - 1]

@@ -117,7 +117,10 @@ class JobQueue:
         )
 
     def remove(self, project: int, task_ids: list[int]) -> Job:
-        return self.queue.enqueue(REMOVE, project, task_ids, job_id=self._job_id(project))
+        # Retried like a batch: the vector database may be down for a while.
+        return self.queue.enqueue(
+            REMOVE, project, task_ids, retry=_batch_retry(), job_id=self._job_id(project)
+        )
 
     def auto_prioritize(self, project: int, task_id: int, annotation: dict[str, Any]) -> Job:
         return self.queue.enqueue(

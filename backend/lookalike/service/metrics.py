@@ -12,7 +12,8 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import redis
 from prometheus_client import CollectorRegistry, Histogram
@@ -116,9 +117,11 @@ def record_indexing(
 class RedisCollector:
     """Exports what workers accumulated in Redis, plus per-project index sizes and queue depth."""
 
-    def __init__(self, redis_client: redis.Redis, queue_name: str) -> None:
+    def __init__(self, redis_client: redis.Redis, queue_name: str,
+                 state: Callable[[int], Any] | None = None) -> None:
         self.redis = redis_client
         self.queue_name = queue_name
+        self.state = state  # project -> ProjectState (the runtime's: it knows the engine)
 
     def collect(self) -> Iterator:
         from rq import Queue
@@ -153,16 +156,20 @@ class RedisCollector:
             labels=["project", "state"],
         )
         for project in known_projects(self.redis):
-            status = ProjectState(self.redis, project).status()
+            project_state = (self.state(project) if self.state is not None
+                             else ProjectState(self.redis, project))
+            status = project_state.status()
             for state in ("total", "indexed", "pending", "failed"):
-                sizes.add_metric([str(project), state], status[state])
+                if status[state] is not None:  # None: the vector database is unreachable
+                    sizes.add_metric([str(project), state], status[state])
         yield sizes
 
 
 class WebMetrics:
     """The web process's registry: its own latencies plus the Redis collector."""
 
-    def __init__(self, redis_client: redis.Redis, queue_name: str) -> None:
+    def __init__(self, redis_client: redis.Redis, queue_name: str,
+                 state: Callable[[int], Any] | None = None) -> None:
         self.registry = CollectorRegistry()
         self.search_seconds = Histogram(
             "lookalike_search_seconds",
@@ -177,7 +184,7 @@ class WebMetrics:
             buckets=SEARCH_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(RedisCollector(redis_client, queue_name))
+        self.registry.register(RedisCollector(redis_client, queue_name, state))
 
     def observe_search(self, source: str, seconds: float) -> None:
         self.search_seconds.labels(source=source).observe(seconds)

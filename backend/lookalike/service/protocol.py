@@ -14,6 +14,7 @@ from typing import Any
 from label_studio_sdk.label_interface import LabelInterface
 
 from lookalike.core.embedding import TextNotSupportedError
+from lookalike.core.milvus_collection import VectorDBUnavailableError
 from lookalike.core.query import QueryError
 from lookalike.errors import (
     BadRequestError,
@@ -136,6 +137,9 @@ def annotator_message(exc: LookalikeError) -> str:
         return "Lookalike could not read this task's image; ask your admin."
     if isinstance(exc, BusyError):
         return "Lookalike is busy with other searches; try again in a few seconds."
+    if isinstance(exc, VectorDBUnavailableError):
+        return "Lookalike's vector database is not answering; try again in a minute or ask " \
+            "your admin."
     return "Lookalike could not search right now; ask your admin."
 
 

@@ -19,6 +19,7 @@ from lookalike.core.images import ImageLimits
 from lookalike.service.jobqueue import JobQueue
 from lookalike.service.ls_client import LabelStudioClient
 from lookalike.service.state import ProjectState
+from lookalike.service.vector_db import VectorDB
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ class Runtime:
         self.redis = connection or redis.Redis.from_url(settings.redis_url)
         self.jobs = JobQueue(self.redis, settings)
         self.limits = ImageLimits.from_settings(settings)
+        # Milvus when LOOKALIKE_VECTOR_DB is set (connected on first use), else None: Redis.
+        self.vector_db = VectorDB.from_settings(settings)
         self._label_studio = label_studio
         self._embedder = embedder
         self._embedder_lock = threading.Lock()
@@ -72,7 +75,7 @@ class Runtime:
         threading.Thread(target=load, name="model-warm-up", daemon=True).start()
 
     def state(self, project: int) -> ProjectState:
-        return ProjectState(self.redis, project)
+        return ProjectState(self.redis, project, self.vector_db)
 
     @cached_property
     def task_files_dir(self):

@@ -36,6 +36,7 @@ from lookalike.service.ls_client import LabelStudioError, TaskImageError
 from lookalike.service.project_index import ProjectIndexes
 from lookalike.service.queueing import QueueResult, queue_matches
 from lookalike.service.runtime import Runtime
+from lookalike.service.vector_db import MilvusIndexes, MilvusProject
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +134,11 @@ class SimilarityService:
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
-        self.indexes = ProjectIndexes(
-            rt.redis, rt.settings.snapshots_dir, IndexPlan.from_settings(rt.settings)
+        # Milvus answers searches itself; the embedded engine keeps an index per project here.
+        self.indexes: ProjectIndexes | MilvusIndexes = (
+            MilvusIndexes(rt.state) if rt.vector_db is not None
+            else ProjectIndexes(rt.redis, rt.settings.snapshots_dir,
+                                IndexPlan.from_settings(rt.settings))
         )
         self.url_policy = UrlPolicy.parse(rt.settings.url_allow)
         # Searches past this many at once are turned away (503, Retry-After) instead of
@@ -213,7 +217,7 @@ class SimilarityService:
             raise QueryError(str(exc)) from None
 
     def _embedded(
-        self, collection: Collection, compute: Callable[[Embedder], np.ndarray]
+        self, collection: Collection | MilvusProject, compute: Callable[[Embedder], np.ndarray]
     ) -> np.ndarray:
         embedder = self.rt.embedder()
         collection.check_model(embedder.spec, embedder.dim)  # never mix two models' vectors
@@ -268,7 +272,9 @@ class SimilarityService:
         return collection.search(vector, k or self.rt.settings.similar_k, exclude)
 
     @staticmethod
-    def _examples(collection: Collection, task_ids: tuple[int, ...]) -> np.ndarray:
+    def _examples(
+        collection: Collection | MilvusProject, task_ids: tuple[int, ...]
+    ) -> np.ndarray:
         missing = [t for t in task_ids if t not in collection]
         if missing:
             raise QueryError(f"example tasks not indexed: {missing[:10]}")

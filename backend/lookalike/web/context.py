@@ -31,7 +31,7 @@ class Services:
 
     @classmethod
     def build(cls, rt: Runtime) -> Services:
-        metrics = WebMetrics(rt.redis, rt.settings.queue_name)
+        metrics = WebMetrics(rt.redis, rt.settings.queue_name, rt.state)
         rt.observe_query_embed = metrics.query_embed_seconds.observe
         rt.observe_search = metrics.observe_search
         similarity = SimilarityService(rt)

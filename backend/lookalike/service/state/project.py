@@ -8,11 +8,12 @@ structures and must happen in one transaction (storing a batch, removing tasks, 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import redis
 
+from lookalike.errors import UnavailableError
 from lookalike.service.state.base import KEY_PREFIX, as_ids, project_of_key
 from lookalike.service.state.failures import Failures
 from lookalike.service.state.locks import ProjectLocks
@@ -23,14 +24,27 @@ from lookalike.service.state.tasks import IndexMarks, TaskSet
 from lookalike.service.state.vectors import VectorLog
 
 
+class VectorEngine(Protocol):
+    """Where vectors live when not in Redis (`service.vector_db.VectorDB`: Milvus)."""
+
+    def vectors(self, connection: redis.Redis, project: int, labeled: TaskSet,
+                meta: ProjectMeta) -> Any: ...
+
+
 class ProjectState:
-    def __init__(self, connection: redis.Redis, project: int) -> None:
+    def __init__(
+        self, connection: redis.Redis, project: int, vector_engine: VectorEngine | None = None
+    ) -> None:
         self.redis = connection
         self.project = int(project)
         self.meta = ProjectMeta(connection, project)
         self.tasks = TaskSet(connection, project, "tasks")  # every task Label Studio has
         self.labeled = TaskSet(connection, project, "labeled")  # tasks with annotations
-        self.vectors = VectorLog(connection, project)
+        # Vectors: in Redis (embedded engine) or in Milvus, with the same methods either way.
+        self.vectors = (
+            VectorLog(connection, project) if vector_engine is None
+            else vector_engine.vectors(connection, project, self.labeled, self.meta)
+        )
         self.failures = Failures(connection, project)
         self.index_marks = IndexMarks(connection, project)
         self.priorities = Priorities(connection, project)
@@ -49,6 +63,7 @@ class ProjectState:
         self.labeled.replace(labeled, pipe)
         self.vectors.note("labels", [], pipe)  # web processes reload the labeled set
         pipe.execute()
+        self.vectors.labels_replaced()
 
     def mark_labeled(self, task_ids: Iterable[int]) -> None:
         """Labeled tasks leave every search, and their priority goes with them."""
@@ -59,6 +74,7 @@ class ProjectState:
             self.vectors.note("label", ids, pipe)  # searches exclude them from now on
             self.priorities.forget_scores(ids, pipe)
             pipe.execute()
+            self.vectors.labeled_changed(ids)
 
     # ------------------------------------------------------------------ vectors
     def put_vectors(
@@ -123,24 +139,31 @@ class ProjectState:
 
     # ------------------------------------------------------------------ status
     def status(self) -> dict[str, Any]:
+        """Counts for index-status. If the vector database cannot be reached, `indexed` and
+        `pending` are None and `error` says why."""
         pipe = self.redis.pipeline()
         self.tasks.count(pipe)
-        self.vectors.count(pipe)
         self.labeled.count(pipe)
-        total, indexed, labeled = (int(n) for n in pipe.execute())
+        total, labeled = (int(n) for n in pipe.execute())
+        meta = self.meta.get()
+        error = meta.get("error")
+        indexed: int | None
+        try:
+            indexed = int(self.vectors.count())
+        except UnavailableError as exc:  # Milvus down: say so instead of failing the page
+            indexed, error = None, str(exc)
         failures = self.failures.all()
         final = [f for f in failures if f.final]
-        meta = self.meta.get()
         return {
             "project": self.project,
             "total": total,
             "indexed": indexed,
             "failed": len(final),
-            "pending": max(0, total - indexed - len(final)),
+            "pending": None if indexed is None else max(0, total - indexed - len(final)),
             "retrying": len(failures) - len(final),
             "labeled": labeled,
             "model": meta.get("model"),
-            "error": meta.get("error"),
+            "error": error,
             "last_sync": float(meta["last_sync"]) if "last_sync" in meta else None,
             "failures": [
                 {"task_id": f.task_id, "reason": f.reason, "attempts": f.attempts, "final": f.final}

@@ -119,6 +119,17 @@ class VectorLog(Structure):
         fields = {"op": op, "ids": ",".join(map(str, ids))}
         pipeline.xadd(self._changes, fields, maxlen=CHANGES_MAXLEN, approximate=True)
 
+    # Hooks the Milvus engine uses (`service.vector_db.MilvusVectors`); here the change log
+    # already carries everything.
+    def labeled_changed(self, ids: list[int]) -> None:
+        pass
+
+    def labels_replaced(self) -> None:
+        pass
+
+    def ping(self) -> None:
+        pass
+
     def _delete_vectors(self, pipeline: Pipeline) -> None:
         dim = self.dim()
         keys = [self._key, self._present, self._dim]

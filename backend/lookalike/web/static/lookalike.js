@@ -134,8 +134,10 @@
     }
     els.progress.replaceChildren(...connected.map((p) => {
       const s = p.status;
-      const done = s.indexed + s.failed;
-      const percent = s.total ? Math.round((100 * s.indexed) / s.total) : 0;
+      // indexed and pending are null while the vector database is unreachable (s.error says so).
+      const indexed = s.indexed ?? "?", pending = s.pending ?? "?";
+      const done = (s.indexed ?? 0) + s.failed;
+      const percent = s.total ? Math.round((100 * (s.indexed ?? 0)) / s.total) : 0;
       const failures = s.failures_total ? el("details", { class: "failures" },
         el("summary", { text: `${s.failures_total} failure${s.failures_total > 1 ? "s" : ""}` }),
         el("ul", {}, s.failures.map((f) => el("li", {},
@@ -148,13 +150,13 @@
       return el("div", { class: "project" + (p.id === state.project ? " current" : ""),
                          "data-project": p.id },
         el("div", { class: "name" }, el("span", { text: p.title }),
-           el("span", { class: "muted indexed-count", text: `${s.indexed} / ${s.total}` })),
+           el("span", { class: "muted indexed-count", text: `${indexed} / ${s.total}` })),
         el("div", { class: "bar" + (s.total && done >= s.total ? " done" : "") },
            el("span", { style: `width: ${percent}%` })),
         el("div", { class: "counts" },
-           el("span", { class: "indexed", text: `indexed ${s.indexed}` }),
+           el("span", { class: "indexed", text: `indexed ${indexed}` }),
            el("span", { class: "total", text: `total ${s.total}` }),
-           el("span", { class: "pending", text: `pending ${s.pending}` }),
+           el("span", { class: "pending", text: `pending ${pending}` }),
            s.retrying ? el("span", { text: `retrying ${s.retrying}` }) : null,
            el("span", { class: "failed" + (s.failed ? " bad" : ""), text: `failed ${s.failed}` }),
            el("span", { text: `labeled ${s.labeled}` })),

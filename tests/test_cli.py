@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.services import milvus_server
 
 from lookalike.cli.main import build_parser
 
@@ -46,8 +47,15 @@ def cli_env(data_dir: Path, weights: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def indexed(tmp_path_factory, lite0_weights, photos):
-    """A folder of photos (nested, plus a bad file) indexed once by `lookalike index`."""
+def milvus(tmp_path_factory):
+    with milvus_server(tmp_path_factory.mktemp("milvus")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module", params=["files", "milvus"])
+def indexed(request, tmp_path_factory, lite0_weights, photos):
+    """A folder of photos (nested, plus a bad file) indexed once by `lookalike index`, into a
+    collection file, then into a Milvus collection (LOOKALIKE_VECTOR_DB)."""
     root = tmp_path_factory.mktemp("cli")
     folder = root / "photos"
     (folder / "sub").mkdir(parents=True)
@@ -61,6 +69,8 @@ def indexed(tmp_path_factory, lite0_weights, photos):
         photos[name].save(path)
     (folder / "broken.jpg").write_bytes(b"")
     env = cli_env(root / "data", lite0_weights)
+    if request.param == "milvus":
+        env["LOOKALIKE_VECTOR_DB"] = request.getfixturevalue("milvus").uri
     first = run("index", str(folder), env=env)
     return folder, paths, env, first
 

@@ -26,7 +26,7 @@ from lookalike.service.protocol import annotator_message
 from lookalike.service.runtime import Runtime
 from lookalike.service.similarity import SimilarityService, SimilarQuery
 from lookalike.service.state import ProjectState
-from lookalike.service.vector_db import MilvusIndexes, copy_from_redis
+from lookalike.service.vector_db import COLLECTION_PREFIX, MilvusIndexes, copy_from_redis
 from lookalike.web.app import create_app
 
 DIM = 16
@@ -266,3 +266,13 @@ def test_copy_vectors_moves_a_project_from_redis_without_embedding(rt: Runtime) 
     hits = MilvusIndexes(rt.state).get(PROJECT).search(data[0], 5, exclude={1})
     expected = [int(t) + 1 for t in np.argsort(-(data @ data[0])) if t + 1 not in (1, 2)][:5]
     assert [h.id for h in hits] == expected  # 8-bit round trip keeps the order here
+
+
+@pytest.mark.parametrize("name", ["photos", "my.photos-v2_a", "a__b", "x_", "_y", "a-.-b"])
+def test_cli_collection_names_map_onto_milvus_names_and_back(name: str) -> None:
+    from lookalike.core.milvus_store import PREFIX, _decode, _encode
+
+    encoded = _encode(name)
+    assert encoded.startswith(PREFIX) and encoded.replace("_", "").isalnum()
+    assert _decode(encoded) == name
+    assert not encoded.startswith(COLLECTION_PREFIX)  # never a project's collection

@@ -15,6 +15,7 @@ from lookalike.config import Settings
 from lookalike.errors import BadRequestError
 
 if TYPE_CHECKING:
+    from lookalike.core.milvus_store import MilvusStore
     from lookalike.core.store import VectorStore
 
 
@@ -22,7 +23,14 @@ class CliError(BadRequestError):
     """A user-facing error: printed as one line, exit code 2."""
 
 
-def _store(settings: Settings) -> VectorStore:
+def _store(settings: Settings) -> VectorStore | MilvusStore:
+    """Collection files under LOOKALIKE_DATA_DIR, or Milvus collections (LOOKALIKE_VECTOR_DB)."""
+    if settings.vector_db.strip():
+        from lookalike.core.milvus_collection import MilvusTarget, lazy_client
+        from lookalike.core.milvus_store import MilvusStore
+
+        target = MilvusTarget.parse(settings.vector_db, settings.vector_db_token)
+        return MilvusStore(lazy_client(target), target.shown)
     from lookalike.core.store import VectorStore
     from lookalike.core.vector_index import IndexPlan
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -25,7 +26,8 @@ import numpy as np
 from lookalike.core.store import Hit, ModelMismatchError
 from lookalike.errors import BadRequestError, UnavailableError
 
-ID, VECTOR, LABELED = "task_id", "vector", "labeled"
+ID, VECTOR, LABELED, PAYLOAD = "task_id", "vector", "labeled", "payload"
+PAYLOAD_MAX_CHARS = 8192  # a CLI collection's per-file JSON (path, size, mtime)
 HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 200
 EF_MIN = 128
@@ -102,6 +104,21 @@ def connect(target: MilvusTarget, timeout: float) -> Any:
     )
 
 
+def lazy_client(target: MilvusTarget, timeout: float = 10.0) -> Callable[[], Any]:
+    """A factory that connects on first use and then returns the same client (thread-safe);
+    a failed connection is tried again on the next call."""
+    lock = threading.Lock()
+    client: list[Any] = []
+
+    def get() -> Any:
+        with lock:
+            if not client:
+                client.append(connect(target, timeout))
+            return client[0]
+
+    return get
+
+
 def _guarded(where: str, call: Callable[[], T]) -> T:
     """Run a pymilvus call; its failures become one clear error naming the server."""
     from pymilvus.exceptions import MilvusException
@@ -161,6 +178,11 @@ class MilvusCollection:
                                                                 timeout=self.timeout))
             return _guarded(self.where, call)
 
+    def list_all(self) -> list[str]:
+        """Every collection name in the database."""
+        client = _guarded(self.where, self._client_factory)
+        return list(_guarded(self.where, lambda: client.list_collections(timeout=self.timeout)))
+
     def ping(self) -> None:
         client = _guarded(self.where, self._client_factory)
         _guarded(self.where, lambda: client.list_collections(timeout=self.timeout))
@@ -192,8 +214,9 @@ class MilvusCollection:
                 f"not {model}: reindex the project to change models"
             )
 
-    def create(self, model: str, dim: int) -> None:
-        """Create the collection for `model` (a stale one of another model is dropped)."""
+    def create(self, model: str, dim: int, payloads: bool = False) -> None:
+        """Create the collection for `model` (a stale one of another model is dropped);
+        `payloads`: with a JSON text field per vector (CLI collections)."""
         shape = self.shape()
         if shape == (model, dim):
             return
@@ -205,6 +228,8 @@ class MilvusCollection:
         schema.add_field(ID, DataType.INT64, is_primary=True)
         schema.add_field(VECTOR, DataType.FLOAT_VECTOR, dim=int(dim))
         schema.add_field(LABELED, DataType.BOOL)
+        if payloads:
+            schema.add_field(PAYLOAD, DataType.VARCHAR, max_length=PAYLOAD_MAX_CHARS)
         index = MilvusClient.prepare_index_params()
         index.add_index(
             field_name=VECTOR, index_type="HNSW", metric_type="IP",
@@ -222,16 +247,20 @@ class MilvusCollection:
         self._shape = None
 
     # ------------------------------------------------------------------ writes
-    def upsert(self, ids: Sequence[int], vectors: np.ndarray, labeled: Sequence[bool]) -> None:
+    def upsert(self, ids: Sequence[int], vectors: np.ndarray, labeled: Sequence[bool],
+               payloads: Sequence[str] | None = None) -> None:
         """Insert or replace by id: a retried batch never duplicates."""
         vectors = np.asarray(vectors, dtype=np.float32)
         for start in range(0, len(ids), _WRITE_BATCH):
+            stop = start + _WRITE_BATCH
             rows = [
                 {ID: int(i), VECTOR: v.tolist(), LABELED: bool(flag)}
-                for i, v, flag in zip(ids[start : start + _WRITE_BATCH],
-                                      vectors[start : start + _WRITE_BATCH],
-                                      labeled[start : start + _WRITE_BATCH], strict=True)
+                for i, v, flag in zip(ids[start:stop], vectors[start:stop], labeled[start:stop],
+                                      strict=True)
             ]
+            if payloads is not None:
+                for row, payload in zip(rows, payloads[start:stop], strict=True):
+                    row[PAYLOAD] = payload
             self._call("upsert", data=rows)
 
     def set_labeled(self, ids: Iterable[int], labeled: bool) -> None:
@@ -293,6 +322,20 @@ class MilvusCollection:
                 yield ids, data
         finally:
             iterator.close()
+
+    def payloads(self) -> dict[int, str]:
+        """Every id's payload text (CLI collections)."""
+        if self.shape() is None:
+            return {}
+        iterator = self._call("query_iterator", batch_size=_READ_BATCH, filter="",
+                              output_fields=[ID, PAYLOAD], consistency_level=CONSISTENCY)
+        found: dict[int, str] = {}
+        try:
+            while rows := _guarded(self.where, iterator.next):
+                found.update((int(r[ID]), str(r.get(PAYLOAD) or "")) for r in rows)
+        finally:
+            iterator.close()
+        return found
 
     def get_vectors(self, ids: Iterable[int]) -> dict[int, np.ndarray]:
         ids = sorted({int(i) for i in ids})

@@ -277,6 +277,14 @@ def _migrated(old: faiss.Index, plan: IndexPlan) -> VectorIndex:
     return index
 
 
+def validate_name(name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise StoreError(
+            f"collection name {name!r} must be 1-128 letters, digits, '.', '_' or '-'"
+        )
+    return name
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -300,11 +308,7 @@ class VectorStore:
         self._lock = threading.Lock()
 
     def path_for(self, name: str) -> Path:
-        if not _NAME_RE.match(name):
-            raise StoreError(
-                f"collection name {name!r} must be 1-128 letters, digits, '.', '_' or '-'"
-            )
-        return self.root / f"{name}{SUFFIX}"
+        return self.root / f"{validate_name(name)}{SUFFIX}"
 
     def names(self) -> list[str]:
         if not self.root.is_dir():

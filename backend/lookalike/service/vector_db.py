@@ -12,7 +12,6 @@ that failed or raced a worker's upsert) repairs the flags and searches again.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -24,7 +23,7 @@ from lookalike.core.milvus_collection import (
     MilvusTarget,
     VectorDBError,
     VectorDBUnavailableError,
-    connect,
+    lazy_client,
 )
 from lookalike.core.store import Hit, StoreError
 from lookalike.service.state.base import Pipeline, as_ids
@@ -161,8 +160,7 @@ class VectorDB:
     def __init__(self, target: MilvusTarget, timeout: float = TIMEOUT) -> None:
         self.target = target
         self.timeout = timeout
-        self._client: Any = None
-        self._lock = threading.Lock()
+        self._connected = lazy_client(target, timeout)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> VectorDB | None:
@@ -170,12 +168,6 @@ class VectorDB:
         if not settings.vector_db.strip():
             return None
         return cls(MilvusTarget.parse(settings.vector_db, settings.vector_db_token))
-
-    def _connected(self) -> Any:
-        with self._lock:
-            if self._client is None:
-                self._client = connect(self.target, self.timeout)
-            return self._client
 
     def collection(self, project: int) -> MilvusCollection:
         return MilvusCollection(self._connected, self.target.shown,

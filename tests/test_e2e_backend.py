@@ -10,6 +10,7 @@ Two backends share one Label Studio and one Redis (separate queues and databases
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import shutil
@@ -235,6 +236,10 @@ def stack(
             "LOOKALIKE_DATA_DIR": str(root / "clip-data"),
             "LOOKALIKE_MODEL": "open_clip:ViT-B-32/random",
             "LOOKALIKE_SET_SAMPLING": "false",
+            # The text tests compare the tab with the REST API's plain top matches; with
+            # random weights many photos are "near-duplicates" of each other (and the project
+            # holds an exact copy), so queueing here keeps every match.
+            "LOOKALIKE_DIVERSE": "false",
         }
         photos_port, clip_port = free_port(), free_port()
         with (
@@ -575,8 +580,6 @@ def test_rest_api_errors_are_json_4xx(indexed: Stack) -> None:
 
 
 def test_rest_search_by_image_upload_and_queue(indexed: Stack) -> None:
-    import base64
-
     photos, names = indexed.photos, indexed.names
     body = base64.b64encode(jpeg_bytes(augmented(photo("rocket")))).decode()
     response = photos.similar(image=body, k=2, queue=True)
@@ -682,6 +685,50 @@ def _tab_or_none(ls: LabelStudioServer, project: int, title: str):
     if not any(v["data"].get("title") == title for v in views):
         return None
     return tab(ls, project, title)
+
+
+def test_near_duplicates_api_tab_and_diverse_queries(indexed: Stack) -> None:
+    """The augmented copies the suite imported are found as pairs (and nothing else above the
+    threshold); the tab holds the redundant copy of each pair; a diverse query returns no two
+    members of one group. Runs after the rare-label test: some originals are labeled."""
+    ls, photos, names = indexed.ls, indexed.photos, indexed.names
+    url = f"{photos.url}/api/projects/{photos.project}/duplicates"
+    first = requests.get(url, timeout=30)
+    assert first.status_code in (200, 202), first.text
+    report = wait_for(
+        lambda: (r := requests.get(url, timeout=30)).status_code == 200
+        and r.json()["status"] == "current" and r.json(),
+        120,
+        "the near-duplicate grouping",
+    )
+    assert report["threshold"] == 0.75  # timm models' default
+    by_id = {v: k for k, v in names.items()}
+    groups = {tuple(by_id[t] for t in g["task_ids"]) for g in report["groups"]}
+    assert groups == {(f"{n}.jpg", f"{n}_copy.jpg") for n in PHOTOS}
+    labeled = {names[n] for n in ("coffee.jpg", "astronaut.jpg", "camera.jpg", "rocket.jpg")}
+    for group in report["groups"]:
+        original, _ = group["task_ids"]
+        assert group["keep"] == original  # the labeled one, or else the lower id
+        assert group["max_score"] >= 0.75
+        assert bool(group["labels"]) == (original in labeled)
+    assert report["conflicting"] == []  # no copy carries a label yet
+    _, tab_tasks = tab(ls, photos.project, "Near-duplicates")
+    assert sorted(tab_tasks) == sorted(names[f"{n}_copy.jpg"] for n in PHOTOS)
+    assert requests.get(url, params={"threshold": "2"}, timeout=30).status_code == 400
+    page = requests.get(url, params={"page_size": 3, "page": 3}, timeout=30).json()
+    assert len(page["groups"]) == 1 and page["total_groups"] == len(PHOTOS)
+
+    # Varied results: a fresh photo of chelsea (neither task) finds the pair once.
+    query = base64.b64encode(jpeg_bytes(photo("chelsea").rotate(3))).decode()
+    plain = photos.similar(image=query, k=10).json()["results"]
+    varied = photos.similar(image=query, k=10, diverse=True).json()["results"]
+    plain_ids = [h["task_id"] for h in plain]
+    varied_ids = [h["task_id"] for h in varied]
+    pair = {names["chelsea.jpg"], names["chelsea_copy.jpg"]}
+    assert pair <= set(plain_ids)
+    assert len(pair & set(varied_ids)) == 1 and varied_ids[0] == plain_ids[0]
+    for group in report["groups"]:
+        assert len(set(group["task_ids"]) & set(varied_ids)) <= 1, group
 
 
 def test_other_backends_predictions_are_never_hidden(indexed: Stack) -> None:

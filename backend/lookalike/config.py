@@ -71,6 +71,10 @@ class Settings:
     rare_share: float = field(default=0.2, metadata={"env": "LOOKALIKE_RARE_SHARE"})
     suggestions: bool = field(default=True, metadata={"env": "LOOKALIKE_SUGGESTIONS"})
     suggest_k: int = field(default=10, metadata={"env": "LOOKALIKE_SUGGEST_K"})
+    diverse: bool = field(default=True, metadata={"env": "LOOKALIKE_DIVERSE"})
+    duplicate_threshold: float = field(
+        default=0.0, metadata={"env": "LOOKALIKE_DUPLICATE_THRESHOLD"}
+    )
     model_version: str = field(default="lookalike", metadata={"env": "LOOKALIKE_MODEL_VERSION"})
     # Security (see the README's "Security"): Label Studio's credentials for the ML-backend
     # protocol; people sign in to the page and the API with their own Label Studio token.

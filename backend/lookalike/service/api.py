@@ -7,12 +7,14 @@ import io
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 from PIL import Image
 
 from lookalike.core.store import Hit
 from lookalike.errors import BadRequestError, NotFoundError
+from lookalike.service import duplicates as near_duplicates
 from lookalike.service.queueing import queue_matches
 from lookalike.service.similarity import SimilarityService, SimilarQuery
 
@@ -35,8 +37,12 @@ def similar(service: SimilarityService, project: int, body: dict[str, Any]) -> d
     suggest = _suggested_label(body)
     if suggest is not None and not body.get("queue"):
         raise BadRequestError("suggest goes with queue: true (the matches get the label)")
+    diverse = body.get("diverse", service.rt.settings.diverse if body.get("queue") else False)
+    if not isinstance(diverse, bool):
+        raise BadRequestError("diverse is true or false (one result per near-duplicate group)")
     if body.get("queue"):
-        hits, outcome = service.find_and_queue(project, query, k, suggest=suggest)
+        hits, outcome = service.find_and_queue(project, query, k, suggest=suggest,
+                                               diverse=diverse)
         extra = {
             "view_id": outcome.view_id,
             "tab": outcome.title,
@@ -44,7 +50,7 @@ def similar(service: SimilarityService, project: int, body: dict[str, Any]) -> d
             "priority": outcome.priority,
         }
     else:
-        hits = service.find(project, query, k)
+        hits = service.find(project, query, k, diverse=diverse)
     return {"results": [{"task_id": h.id, "score": h.score} for h in hits], **extra}
 
 
@@ -153,6 +159,18 @@ def require_known_project(service: SimilarityService, project: int) -> None:
             f"Lookalike does not know project {project}: connect the backend to it in Label "
             f"Studio, or POST /api/projects/{project}/sync"
         )
+
+
+def duplicates(
+    service: SimilarityService, project: int, args: Mapping[str, str]
+) -> tuple[dict[str, Any], bool]:
+    """`GET /api/projects/{id}/duplicates?threshold=&page=&page_size=`: the latest groups."""
+    require_known_project(service, project)
+    threshold = near_duplicates.parse_threshold(args.get("threshold"), service.rt, project)
+    page, size = args.get("page", "1"), args.get("page_size", "100")
+    if not (page.isdigit() and size.isdigit()):
+        raise BadRequestError("page and page_size are positive integers")
+    return near_duplicates.report(service.rt, project, threshold, int(page), int(size))
 
 
 def reindex(service: SimilarityService, project: int) -> str:

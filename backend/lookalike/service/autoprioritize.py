@@ -39,7 +39,9 @@ def auto_prioritize(
         return {"queued": 0, "reason": "no rare label", "counts": counts}
     if not state.vectors.get([task_id]):
         return {"queued": 0, "reason": f"task {task_id} is not indexed yet"}
-    hits = service.find(project, SimilarQuery(task_id=task_id), k=settings.auto_k)
+    hits = service.find(
+        project, SimilarQuery(task_id=task_id), k=settings.auto_k, diverse=settings.diverse
+    )
     result = queue_matches(service.rt, project, hits, f"Rare: {', '.join(hit_labels)}")
     log.info("project %s: %s", project, result.message)
     return {"queued": len(result.task_ids), "labels": hit_labels, "counts": counts}

@@ -31,6 +31,7 @@ REMOVE = f"{_JOBS}.remove_tasks"
 PRIORITIZE = f"{_JOBS}.auto_prioritize"
 DROP = f"{_JOBS}.drop_project"
 CLEAN = f"{_JOBS}.clean_annotation"
+DUPLICATES = f"{_JOBS}.find_duplicates"
 
 
 def _batch_retry() -> Retry:
@@ -129,6 +130,13 @@ class JobQueue:
 
     def drop(self, project: int) -> Job:
         return self.queue.enqueue(DROP, project, job_id=self._job_id(project))
+
+    def duplicates(self, project: int, threshold: float) -> Job:
+        """Group the project's near-duplicates at `threshold` (and refresh its tab)."""
+        return self.queue.enqueue(
+            DUPLICATES, project, threshold, job_timeout=SYNC_TIMEOUT,
+            job_id=self._job_id(project),
+        )
 
     def clean_annotation(self, project: int, annotation_id: int) -> Job:
         """Take Lookalike's query regions out of a submitted annotation."""

@@ -14,7 +14,7 @@ from typing import Any
 import redis
 from rq import get_current_job
 
-from lookalike.service import autoprioritize, indexing, protocol
+from lookalike.service import autoprioritize, duplicates, indexing, protocol
 from lookalike.service.runtime import Runtime
 from lookalike.service.similarity import SimilarityService
 from lookalike.timeouts import SYNC_TIMEOUT
@@ -98,3 +98,7 @@ def auto_prioritize(project: int, task_id: int, annotation: dict[str, Any]) -> d
 
 def clean_annotation(project: int, annotation_id: int) -> int:
     return protocol.clean_annotation(_rt(), project, annotation_id)
+
+
+def find_duplicates(project: int, threshold: float) -> dict[str, Any]:
+    return duplicates.compute(_rt(), project, threshold)

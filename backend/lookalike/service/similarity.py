@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from lookalike.core.duplicates import one_per_group
 from lookalike.core.embedding import Embedder
 from lookalike.core.images import ImageLoadError, decode_image
 from lookalike.core.query import (
@@ -31,6 +32,7 @@ from lookalike.core.safe_fetch import UrlPolicy, UrlRefusedError, fetch_public_u
 from lookalike.core.store import Collection, Hit
 from lookalike.core.vector_index import IndexPlan
 from lookalike.errors import BusyError, ConflictError, NotFoundError
+from lookalike.service.duplicates import default_threshold
 from lookalike.service.indexing import image_key
 from lookalike.service.ls_client import LabelStudioError, TaskImageError
 from lookalike.service.project_index import ProjectIndexes
@@ -115,6 +117,7 @@ class SimilarQuery:
 
 
 MAX_EXAMPLES = 100
+DIVERSE_POOL = 4  # candidates per wanted result when keeping one per near-duplicate group
 
 
 def _task_ids(value: Any, name: str) -> tuple[int, ...]:
@@ -235,7 +238,9 @@ class SimilarityService:
         k: int | None = None,
         task: dict | None = None,
         source: str = "api",
+        diverse: bool = False,
     ) -> list[Hit]:
+        """The k best matches; `diverse`: at most one per near-duplicate group."""
         if not self._searches.acquire(blocking=False):
             raise BusyError(
                 f"{self.max_searches} searches are already running here; "
@@ -243,14 +248,14 @@ class SimilarityService:
             )
         start = time.perf_counter()
         try:
-            return self._find(project, query, k, task)
+            return self._find(project, query, k or self.rt.settings.similar_k, task, diverse)
         finally:
             self._searches.release()
             if self.rt.observe_search is not None:
                 self.rt.observe_search(source, time.perf_counter() - start)
 
     def _find(
-        self, project: int, query: SimilarQuery, k: int | None, task: dict | None
+        self, project: int, query: SimilarQuery, k: int, task: dict | None, diverse: bool
     ) -> list[Hit]:
         # Labeled tasks are the collection's standing exclusions; these are this query's own.
         exclude = {query.task_id} if query.task_id is not None else set()
@@ -269,7 +274,16 @@ class SimilarityService:
             raise ConflictError(
                 f"query vector has {vector.shape[0]} dimensions, the index {collection.dim}"
             )
-        return collection.search(vector, k or self.rt.settings.similar_k, exclude)
+        if not diverse:
+            return collection.search(vector, k, exclude)
+        # A pool a few times k, then the best of each near-duplicate group (a video's frames
+        # or re-encoded copies would otherwise fill the whole tab).
+        pool = collection.search(vector, k * DIVERSE_POOL, exclude)
+        if len(pool) < 2:
+            return pool
+        vectors = collection.get_many([h.id for h in pool])
+        threshold = default_threshold(self.rt, project)
+        return one_per_group(pool, vectors, threshold, k)
 
     @staticmethod
     def _examples(
@@ -288,8 +302,12 @@ class SimilarityService:
         task: dict | None = None,
         source: str = "api",
         suggest: str | None = None,
+        diverse: bool | None = None,
     ) -> tuple[list[Hit], QueueResult]:
-        hits = self.find(project, query, k, task, source)
+        """Find and put the matches in front of annotators; varied by default (one task per
+        near-duplicate group, LOOKALIKE_DIVERSE)."""
+        diverse = self.rt.settings.diverse if diverse is None else diverse
+        hits = self.find(project, query, k, task, source, diverse)
         return hits, queue_matches(self.rt, project, hits, query.title(), suggest)
 
 

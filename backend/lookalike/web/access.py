@@ -38,6 +38,7 @@ EXPENSIVE = {
     "api.queue": "search",
     "api.sync": "search",
     "api.reindex": "search",
+    "api.duplicates": "search",
     "page.thumbnail": "thumbnail",
 }
 NO_AUTH_HELP = (

@@ -3,7 +3,7 @@ metrics. Each route parses, calls one service function and returns its JSON."""
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lookalike.service import api, status
@@ -35,6 +35,12 @@ def sync(project: int):
 @blueprint.post("/api/projects/<int:project>/reindex")
 def reindex(project: int):
     return jsonify(job_id=api.reindex(services().similarity, project)), 202
+
+
+@blueprint.get("/api/projects/<int:project>/duplicates")
+def duplicates(project: int):
+    body, complete = api.duplicates(services().similarity, project, request.args)
+    return jsonify(body), 200 if complete else 202  # 202: the first grouping is running
 
 
 @blueprint.get("/metrics")

@@ -18,7 +18,7 @@ from lookalike.service.state.base import KEY_PREFIX, as_ids, project_of_key
 from lookalike.service.state.failures import Failures
 from lookalike.service.state.locks import ProjectLocks
 from lookalike.service.state.meta import ProjectMeta
-from lookalike.service.state.queueing import LabelStats, Priorities, Views
+from lookalike.service.state.queueing import DuplicateReport, LabelStats, Priorities, Views
 from lookalike.service.state.replies import LatestMatches, Replies
 from lookalike.service.state.tasks import IndexMarks, TaskSet
 from lookalike.service.state.vectors import VectorLog
@@ -54,6 +54,7 @@ class ProjectState:
         self.replies = Replies(connection, project)
         self.latest_matches = LatestMatches(connection, project)
         self.mislabeled = TaskSet(connection, project, "mislabeled")  # flagged, with a tab
+        self.duplicates = DuplicateReport(connection, project)
 
     # ------------------------------------------------------------------ tasks
     def replace_tasks(self, task_ids: Iterable[int], labeled: Iterable[int]) -> None:
@@ -131,6 +132,7 @@ class ProjectState:
             self.replies,
             self.latest_matches,
             self.mislabeled,
+            self.duplicates,
         ):
             structure.delete(pipe)
         pipe.delete(*self.locks.keys())

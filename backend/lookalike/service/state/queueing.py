@@ -102,3 +102,23 @@ class LabelStats(Structure):
             data = json.loads(value)
             out.setdefault(int(data["task"]), set()).update(data["labels"])
         return out
+
+
+class DuplicateReport(Structure):
+    """The latest near-duplicate grouping of the project (JSON), and a flag while one runs."""
+
+    name = "duplicates"
+
+    def get(self) -> dict | None:
+        raw = self._redis.get(self._key)
+        return json.loads(raw) if raw else None
+
+    def set(self, report: dict) -> None:
+        self._redis.set(self._key, json.dumps(report))
+
+    def claim_run(self, threshold: float, seconds: int) -> bool:
+        """Whether this caller should start a grouping at `threshold` (one at a time)."""
+        return bool(self._redis.set(f"{self._key}:running:{threshold}", 1, nx=True, ex=seconds))
+
+    def release_run(self, threshold: float) -> None:
+        self._redis.delete(f"{self._key}:running:{threshold}")

@@ -11,7 +11,7 @@
     file: $("image-file"), paste: $("paste-zone"), k: $("k"),
     query: $("query"), results: $("results"), selectAll: $("select-all"),
     tabTitle: $("tab-title"), queue: $("queue"), message: $("message"),
-    suggestLabel: $("suggest-label"),
+    suggestLabel: $("suggest-label"), duplicates: $("duplicates"),
     progress: $("progress"), jobs: $("jobs"),
     user: $("user"), signOut: $("sign-out"), signIn: $("sign-in"), token: $("token"),
     signInMessage: $("sign-in-message"),
@@ -354,6 +354,44 @@
     }));
   }
 
+  // ---------------------------------------------------------------- near-duplicates
+  async function showDuplicates() {
+    const project = state.project;
+    if (!project) return;
+    const seq = ++state.searchSeq;
+    clearResults();
+    say("Grouping near-duplicates…");
+    let data;
+    for (;;) {  // 202 while the first grouping runs in a worker
+      const response = await fetch(`/api/projects/${project}/duplicates?page_size=200`,
+                                   { credentials: "same-origin" });
+      data = await response.json();
+      if (seq !== state.searchSeq) return;
+      if (!response.ok) { say(data.error || "Could not group near-duplicates.", "error"); return; }
+      if (response.status === 200) break;
+      await new Promise((resolve) => setTimeout(resolve, POLL_MS));
+    }
+    const group = (g) => el("div", { class: "dup-group" },
+      el("div", { class: "muted", text: `cosine ${g.max_score.toFixed(3)}` }),
+      el("div", { class: "dup-members" }, g.task_ids.map((t) => el("a", {
+          class: "dup-member" + (t === g.keep ? " keep" : ""), href: taskUrl(project, t),
+          target: "_blank", rel: "noopener",
+          title: t === g.keep ? "kept" : "redundant copy (in the Near-duplicates tab)" },
+        el("img", { class: "thumb", loading: "lazy", alt: `task ${t}`,
+                    src: thumbUrl(project, t, 128) }),
+        el("span", { text: `#${t}` + (g.labels[t] ? ` ${g.labels[t].join(", ")}` : "") })))));
+    const parts = [];
+    if (data.conflicting.length) {
+      parts.push(el("h3", { text: `Conflicting labels (${data.conflicting.length})` }),
+                 ...data.conflicting.map(group));
+    }
+    parts.push(el("h3", { text: `${data.total_groups} groups at cosine ≥ ${data.threshold}` +
+                                 (data.status === "updating" ? " (updating…)" : "") }),
+               ...data.groups.map(group));
+    els.results.replaceChildren(el("div", { class: "duplicates" }, ...parts));
+    say(`${data.redundant} redundant copies are in the "${data.tab}" tab in Label Studio.`);
+  }
+
   function updateSelection() {
     const n = state.selected.size;
     els.queue.disabled = n === 0;
@@ -448,6 +486,7 @@
   });
   els.selectAll.addEventListener("change", () => selectAll(els.selectAll.checked));
   els.queue.addEventListener("click", queueSelected);
+  els.duplicates.addEventListener("click", showDuplicates);
 
   updateSelection();
   checkSession().then((signedIn) => { if (signedIn) poll(); });

@@ -263,6 +263,9 @@ def test_copy_vectors_moves_a_project_from_redis_without_embedding(rt: Runtime) 
     assert copy_from_redis(state, keep=True) == 0  # Redis's copy was freed
     assert state.status()["indexed"] == 30 and embedded.vectors.count() == 0
     assert state.vectors.collection.labeled_ids() == {2}
+    # A process without the setting now says where the vectors went instead of showing 0.
+    assert "LOOKALIKE_VECTOR_DB" in embedded.status()["error"]
+    assert state.status()["error"] is None
     hits = MilvusIndexes(rt.state).get(PROJECT).search(data[0], 5, exclude={1})
     expected = [int(t) + 1 for t in np.argsort(-(data @ data[0])) if t + 1 not in (1, 2)][:5]
     assert [h.id for h in hits] == expected  # 8-bit round trip keeps the order here

@@ -40,6 +40,8 @@ TIMEOUT = 10.0  # seconds per Milvus call
 class MilvusVectors:
     """A project's vectors in Milvus; the same methods as `VectorLog` (the embedded store)."""
 
+    engine = "milvus"
+
     def __init__(self, log_: VectorLog, collection: MilvusCollection, labeled: TaskSet,
                  meta: ProjectMeta) -> None:
         self._log = log_
@@ -216,8 +218,9 @@ def copy_from_redis(state: Any, keep: bool = False) -> int:
         id_list = ids.tolist()
         collection.upsert(id_list, vectors, state.labeled.contains_many(id_list))
         copied += len(id_list)
+    pipe = state.redis.pipeline(transaction=True)
+    state.meta.update(vectors_in=MilvusVectors.engine, pipeline=pipe)
     if not keep:  # free Redis's copy (and tell embedded readers, if any remain, to drop theirs)
-        pipe = state.redis.pipeline(transaction=True)
         source.reset(pipe)
-        pipe.execute()
+    pipe.execute()
     return copied

@@ -93,6 +93,7 @@ class ProjectState:
         pipe = self.redis.pipeline(transaction=True)
         self.vectors.put(ids, vectors, pipe)
         self.failures.clear(ids, pipe)
+        self.meta.update(vectors_in=self.vectors.engine, pipeline=pipe)
         pipe.execute()
 
     def remove_tasks(self, task_ids: Iterable[int]) -> None:
@@ -154,6 +155,12 @@ class ProjectState:
             indexed = int(self.vectors.count())
         except UnavailableError as exc:  # Milvus down: say so instead of failing the page
             indexed, error = None, str(exc)
+        where = meta.get("vectors_in")
+        if where and where != self.vectors.engine and not error:
+            error = (
+                f"this project's vectors are in {where}, but this process looks in "
+                f"{self.vectors.engine}: give it the same LOOKALIKE_VECTOR_DB as the workers"
+            )
         failures = self.failures.all()
         final = [f for f in failures if f.final]
         return {

@@ -56,6 +56,7 @@ def decode(rows: np.ndarray) -> np.ndarray:
 
 class VectorLog(Structure):
     name = "vectors"  # the hash older versions wrote; read until every vector is rewritten
+    engine = "redis"  # where the vectors are, recorded with the project (see ProjectState)
 
     def __init__(self, connection: redis.Redis, project: int) -> None:
         super().__init__(connection, project)

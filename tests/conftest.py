@@ -100,3 +100,13 @@ def digit_images(per_class: int, seed: int) -> tuple[list[Image.Image], np.ndarr
         for i in picked
     ]
     return images, data.target[picked]
+
+
+@pytest.fixture(scope="module")
+def milvus(tmp_path_factory: pytest.TempPathFactory):
+    """A `milvus-lite server` on 127.0.0.1 for one test module (`.uri`, `.stop()`, `.start()`):
+    the Milvus protocol pymilvus speaks to a cluster."""
+    from tests.services import milvus_server
+
+    with milvus_server(tmp_path_factory.mktemp("milvus")) as server:
+        yield server

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.services import milvus_server
 
 from lookalike.cli.main import build_parser
 
@@ -44,12 +43,6 @@ def cli_env(data_dir: Path, weights: Path) -> dict[str, str]:
         HF_HUB_OFFLINE="1",  # nothing here may need the network
     )
     return env
-
-
-@pytest.fixture(scope="module")
-def milvus(tmp_path_factory):
-    with milvus_server(tmp_path_factory.mktemp("milvus")) as server:
-        yield server
 
 
 @pytest.fixture(scope="module", params=["files", "milvus"])

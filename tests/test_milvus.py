@@ -39,12 +39,6 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(scope="module")
-def milvus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusServer]:
-    with milvus_server(tmp_path_factory.mktemp("milvus")) as server:
-        yield server
-
-
 @pytest.fixture
 def rt(redis_url: str, milvus: MilvusServer, tmp_path) -> Iterator[Runtime]:
     runtime = Runtime(Settings(redis_url=redis_url, data_dir=tmp_path, vector_db=milvus.uri))

@@ -13,10 +13,8 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 from tests.services import (
-    MilvusServer,
     drop_milvus_collections,
     free_port,
-    milvus_server,
     redis_server,
 )
 
@@ -32,12 +30,6 @@ PROJECT = 4
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with redis_server(tmp_path_factory.mktemp("redis")) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def milvus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusServer]:
-    with milvus_server(tmp_path_factory.mktemp("milvus")) as server:
-        yield server
 
 
 @pytest.fixture(params=["embedded", "milvus"])

@@ -76,8 +76,12 @@ def editor_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EditorSta
     files |= {f"{n}_copy.jpg": jpeg_bytes(augmented(photo(n))) for n in NAMES}
     with redis_server(root / "redis") as redis_url, label_studio_server(root / "ls") as ls:
         lite0 = backend_env(root, ls, redis_url, weights)
+        # Random weights make distinct photos "near-duplicates" of each other: queueing keeps
+        # every match here (LOOKALIKE_DIVERSE=false), as the tests compare tabs with the plain
+        # REST top matches.
         clip = backend_env(
-            root, ls, redis_url, LOOKALIKE_MODEL="open_clip:ViT-B-32/random", LOOKALIKE_QUEUE="clip"
+            root, ls, redis_url, LOOKALIKE_MODEL="open_clip:ViT-B-32/random",
+            LOOKALIKE_QUEUE="clip", LOOKALIKE_DIVERSE="false",
         )
         with (
             lookalike_process(["worker"], lite0, root / "worker.log"),

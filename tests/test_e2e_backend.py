@@ -872,3 +872,62 @@ def test_reindex_starts_clean_and_labeled_tasks_stay_out(indexed: Stack) -> None
     ids = [h["task_id"] for h in hits]
     assert names["coffee.jpg"] not in ids  # labeled (rare-label test): excluded
     assert names["coffee_copy.jpg"] not in ids and len(ids) == len(set(ids))
+
+
+def test_coverage_mode_serves_every_cluster_once_before_any_twice(indexed: Stack) -> None:
+    """Coverage on: 'Label All Tasks' (Label Studio's own next-task) serves one task of each
+    cluster before a second of any; a find-similar request made meanwhile still comes first."""
+    ls = indexed.ls
+    project = create_project(ls, "coverage")
+    files = {}
+    for name in PHOTOS:
+        files[f"{name}.jpg"] = jpeg_bytes(photo(name))
+        files[f"{name}_copy.jpg"] = jpeg_bytes(augmented(photo(name)))
+    upload(ls, project, files)
+    ml_id = connect(ls, project, indexed.photos.url, "lookalike-coverage")
+    backend = Backend(indexed.photos.url, ml_id, project)
+    wait_for(lambda: backend.status()["indexed"] == len(files) or None, 120, "indexing")
+    url = f"{backend.url}/api/projects/{project}/coverage"
+    response = requests.put(url, json={"enabled": True, "k": len(PHOTOS)}, timeout=30)
+    assert response.status_code == 202, response.text
+    ids = task_ids_by_name(ls, project)
+
+    def clusters() -> dict[int, int] | None:
+        found = {}
+        for task in ids.values():
+            predictions = ls.request("GET", "/api/predictions/", params={"task": task}).json()
+            mine = [p for p in predictions if p["model_version"] == "lookalike"]
+            if not mine or mine[0]["cluster"] is None:
+                return None
+            found[task] = mine[0]["cluster"]
+        return found
+
+    cluster_of = wait_for(clusters, 120, "coverage predictions")
+    assert len(set(cluster_of.values())) == len(PHOTOS)
+    assert requests.get(url, timeout=30).json()["clusters"] == len(PHOTOS)
+
+    def label(task: int) -> None:
+        response = ls.request("POST", f"/api/tasks/{task}/annotations/", json={"result": []})
+        assert response.status_code == 201, response.text
+
+    served = []
+    for _ in range(3):
+        served.append(next_task(ls, project))
+        label(served[-1])
+    # A request now (the page's "Queue selected") for a task whose cluster the annotator has
+    # already labeled in: coverage alone would serve the unseen clusters first; it comes next.
+    seen = {cluster_of[t] for t in served}
+    best = min(t for t in ids.values() if t not in served and cluster_of[t] in seen)
+    reply = requests.post(f"{backend.url}/api/projects/{project}/queue", timeout=30,
+                          json={"title": "Picked", "results": [{"task_id": best, "score": 0.9}]})
+    assert reply.status_code == 200 and reply.json()["priority"], reply.text
+    assert next_task(ls, project) == best
+    label(best)
+    for _ in range(len(PHOTOS) - 3):
+        served.append(next_task(ls, project))
+        label(served[-1])
+    first_round = [cluster_of[t] for t in served]
+    assert len(set(first_round)) == len(PHOTOS), first_round  # no cluster twice
+    # Off: Lookalike's coverage predictions go; Label Studio's order is its own again.
+    assert requests.put(url, json={"enabled": False}, timeout=30).status_code == 202
+    wait_for(lambda: requests.get(url, timeout=30).json()["clusters"] == 0 or None, 60, "off")

@@ -63,6 +63,18 @@ def register(commands: argparse._SubParsersAction) -> None:
     copy.add_argument("--keep", action="store_true", help="leave the vectors in Redis too")
     copy.set_defaults(handler=cmd_copy_vectors)
 
+    cover = commands.add_parser(
+        "coverage",
+        help="turn coverage mode on or off for a project's 'Label All Tasks'",
+        description="Coverage mode: Label All Tasks serves one task of every cluster of "
+        "similar images (most typical first) before a second of any; find-similar requests "
+        "still come first. Needs workers running.",
+    )
+    cover.add_argument("project", type=int, help="Label Studio project id")
+    cover.add_argument("mode", choices=["on", "off"])
+    cover.add_argument("--k", type=int, default=None, help="clusters (default: from the size)")
+    cover.set_defaults(handler=cmd_coverage)
+
     status = commands.add_parser("status", help="print each project's indexing progress")
     status.add_argument("--json", action="store_true", help="print as JSON")
     status.set_defaults(handler=cmd_status)
@@ -173,6 +185,16 @@ def cmd_copy_vectors(args: argparse.Namespace, settings: Settings) -> int:
     for project in args.projects or known_projects(rt.redis):
         copied = copy_from_redis(rt.state(project), keep=args.keep)
         print(f"project {project}: {copied} vectors copied to {rt.vector_db.target.shown}")
+    return 0
+
+
+def cmd_coverage(args: argparse.Namespace, settings: Settings) -> int:
+    from lookalike.service.coverage import configure
+    from lookalike.service.runtime import Runtime
+
+    result = configure(Runtime(settings), args.project, args.mode == "on", args.k)
+    print(f"project {args.project}: coverage mode {args.mode} (k: {result['k'] or 'auto'}); "
+          "the workers apply it")
     return 0
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from lookalike.core.store import Hit
 from lookalike.errors import BadRequestError, NotFoundError
+from lookalike.service import coverage as coverage_mode
 from lookalike.service import duplicates as near_duplicates
 from lookalike.service.queueing import queue_matches
 from lookalike.service.similarity import SimilarityService, SimilarQuery
@@ -171,6 +172,16 @@ def duplicates(
     if not (page.isdigit() and size.isdigit()):
         raise BadRequestError("page and page_size are positive integers")
     return near_duplicates.report(service.rt, project, threshold, int(page), int(size))
+
+
+def coverage(
+    service: SimilarityService, project: int, body: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """`GET|PUT /api/projects/{id}/coverage` (`{"enabled": bool, "k": int | null}`)."""
+    require_known_project(service, project)
+    if body is None:
+        return coverage_mode.settings_of(service.rt, project)
+    return coverage_mode.configure(service.rt, project, body.get("enabled"), body.get("k"))
 
 
 def reindex(service: SimilarityService, project: int) -> str:

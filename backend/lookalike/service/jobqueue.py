@@ -32,6 +32,7 @@ PRIORITIZE = f"{_JOBS}.auto_prioritize"
 DROP = f"{_JOBS}.drop_project"
 CLEAN = f"{_JOBS}.clean_annotation"
 DUPLICATES = f"{_JOBS}.find_duplicates"
+COVERAGE = f"{_JOBS}.apply_coverage"
 
 
 def _batch_retry() -> Retry:
@@ -135,6 +136,13 @@ class JobQueue:
         """Group the project's near-duplicates at `threshold` (and refresh its tab)."""
         return self.queue.enqueue(
             DUPLICATES, project, threshold, job_timeout=SYNC_TIMEOUT,
+            job_id=self._job_id(project),
+        )
+
+    def coverage(self, project: int) -> Job:
+        """Cluster the project (or assign new tasks) and write coverage predictions."""
+        return self.queue.enqueue(
+            COVERAGE, project, job_timeout=SYNC_TIMEOUT, retry=_batch_retry(),
             job_id=self._job_id(project),
         )
 

@@ -14,7 +14,7 @@ from typing import Any
 import redis
 from rq import get_current_job
 
-from lookalike.service import autoprioritize, duplicates, indexing, protocol
+from lookalike.service import autoprioritize, coverage, duplicates, indexing, protocol
 from lookalike.service.runtime import Runtime
 from lookalike.service.similarity import SimilarityService
 from lookalike.timeouts import SYNC_TIMEOUT
@@ -81,7 +81,11 @@ def reindex_project(project: int) -> dict[str, int]:
 
 
 def index_tasks(project: int, tasks: list[dict[str, Any]], attempt: int = 1) -> dict[str, int]:
-    return indexing.index_batch(_rt(), project, tasks, attempt, _report)
+    rt = _rt()
+    result = indexing.index_batch(rt, project, tasks, attempt, _report)
+    if result["indexed"] and coverage.settings_of(rt, project)["enabled"]:
+        coverage.start(rt, project)  # new tasks get their cluster
+    return result
 
 
 def remove_tasks(project: int, task_ids: list[int]) -> int:
@@ -102,3 +106,7 @@ def clean_annotation(project: int, annotation_id: int) -> int:
 
 def find_duplicates(project: int, threshold: float) -> dict[str, Any]:
     return duplicates.compute(_rt(), project, threshold)
+
+
+def apply_coverage(project: int) -> dict[str, int]:
+    return coverage.apply(_rt(), project)

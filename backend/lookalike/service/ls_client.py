@@ -271,16 +271,20 @@ class LabelStudioClient:
         prediction_id: int | None,
         result: list[dict[str, Any]] | None = None,
         mislabeling: float = 0.0,
+        cluster: int | None = None,
     ) -> int:
         """Create or update the one Lookalike prediction of a task: its score carries the
-        priority; its result a suggested label, if any; `mislabeling` a likely mislabel."""
-        body = {
+        priority; its result a suggested label, if any; `mislabeling` a likely mislabel;
+        `cluster` (when given) the group Uncertainty sampling spreads an annotator over."""
+        body: dict[str, Any] = {
             "task": task_id,
             "result": result or [],
             "score": score,
             "model_version": model_version,
             "mislabeling": mislabeling,
         }
+        if cluster is not None:
+            body["cluster"] = cluster
         if prediction_id is not None:
             response = self._request(
                 "PATCH", f"/api/predictions/{prediction_id}/", json=body, ok=(200, 404)
@@ -288,6 +292,9 @@ class LabelStudioClient:
             if response.status_code == 200:
                 return prediction_id
         return int(self._request("POST", "/api/predictions/", json=body).json()["id"])
+
+    def delete_prediction(self, prediction_id: int) -> None:
+        self._request("DELETE", f"/api/predictions/{prediction_id}/", ok=(204, 404))
 
     def ml_backends(self, project_id: int) -> list[dict[str, Any]]:
         body = self._request("GET", "/api/ml/", params={"project": project_id}).json()

@@ -56,6 +56,12 @@ class QueueResult:
     message: str
 
 
+def request_cluster(task_id: int) -> int:
+    """The prediction cluster of a task queued by a request: its own (negative: never one of
+    coverage mode's 0..k-1), so nobody has labeled in it and it is served with the first."""
+    return -int(task_id)
+
+
 def priority_score(request: int, similarity: float) -> float:
     """The prediction score that puts a match of `request` (1, 2, ...) in its place."""
     similarity = min(MAX_SIMILARITY, max(-1.0, float(similarity)))
@@ -176,6 +182,9 @@ def _write_priorities(
                 settings.model_version,
                 prediction_ids.get(hit.id),
                 results.get(hit.id),
+                # A cluster of its own: Uncertainty sampling counts the annotator's labels per
+                # cluster first, so a match never waits behind coverage mode's clusters.
+                cluster=request_cluster(hit.id),
             )
             # Recorded per task as we go, so a failure halfway never leaves a duplicate behind.
             state.priorities.set(hit.id, prediction_id, score)

@@ -39,6 +39,7 @@ EXPENSIVE = {
     "api.sync": "search",
     "api.reindex": "search",
     "api.duplicates": "search",
+    "api.coverage_configure": "search",
     "page.thumbnail": "thumbnail",
 }
 NO_AUTH_HELP = (

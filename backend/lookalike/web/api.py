@@ -43,6 +43,16 @@ def duplicates(project: int):
     return jsonify(body), 200 if complete else 202  # 202: the first grouping is running
 
 
+@blueprint.get("/api/projects/<int:project>/coverage")
+def coverage_settings(project: int):
+    return jsonify(api.coverage(services().similarity, project))
+
+
+@blueprint.put("/api/projects/<int:project>/coverage")
+def coverage_configure(project: int):
+    return jsonify(api.coverage(services().similarity, project, json_body())), 202
+
+
 @blueprint.get("/metrics")
 def metrics():
     return Response(generate_latest(services().metrics.registry), mimetype=CONTENT_TYPE_LATEST)

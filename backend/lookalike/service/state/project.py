@@ -18,7 +18,13 @@ from lookalike.service.state.base import KEY_PREFIX, as_ids, project_of_key
 from lookalike.service.state.failures import Failures
 from lookalike.service.state.locks import ProjectLocks
 from lookalike.service.state.meta import ProjectMeta
-from lookalike.service.state.queueing import DuplicateReport, LabelStats, Priorities, Views
+from lookalike.service.state.queueing import (
+    CoverageState,
+    DuplicateReport,
+    LabelStats,
+    Priorities,
+    Views,
+)
 from lookalike.service.state.replies import LatestMatches, Replies
 from lookalike.service.state.tasks import IndexMarks, TaskSet
 from lookalike.service.state.vectors import VectorLog
@@ -55,6 +61,7 @@ class ProjectState:
         self.latest_matches = LatestMatches(connection, project)
         self.mislabeled = TaskSet(connection, project, "mislabeled")  # flagged, with a tab
         self.duplicates = DuplicateReport(connection, project)
+        self.coverage = CoverageState(connection, project)
 
     # ------------------------------------------------------------------ tasks
     def replace_tasks(self, task_ids: Iterable[int], labeled: Iterable[int]) -> None:
@@ -134,6 +141,7 @@ class ProjectState:
             self.latest_matches,
             self.mislabeled,
             self.duplicates,
+            self.coverage,
         ):
             structure.delete(pipe)
         pipe.delete(*self.locks.keys())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
+import numpy as np
 import redis
 
 from lookalike.service.state.base import Pipeline, Structure, as_ids, project_key
@@ -37,6 +38,10 @@ class Priorities(Structure):
         pipe.hset(self._predictions, str(int(task_id)), str(int(prediction_id)))
         pipe.hset(self._key, str(int(task_id)), repr(float(score)))
         pipe.execute()
+
+    def set_prediction(self, task_id: int, prediction_id: int) -> None:
+        """A prediction that carries no request priority (coverage mode's)."""
+        self._redis.hset(self._predictions, str(int(task_id)), str(int(prediction_id)))
 
     def forget_scores(self, task_ids: Iterable[int], pipeline: Pipeline | None = None) -> None:
         """Labeled tasks lose their priority (the prediction itself stays in Label Studio)."""
@@ -122,3 +127,48 @@ class DuplicateReport(Structure):
 
     def release_run(self, threshold: float) -> None:
         self._redis.delete(f"{self._key}:running:{threshold}")
+
+
+class CoverageState(Structure):
+    """Coverage mode's clusters: the centres (and the project size they were computed at), and
+    the cluster each task's prediction carries."""
+
+    name = "coverage"
+
+    def __init__(self, connection: redis.Redis, project: int) -> None:
+        super().__init__(connection, project)
+        self._centroids = project_key(project, "coverage:centroids")
+        self._running = project_key(project, "coverage:running")
+
+    def centroids(self) -> tuple[np.ndarray | None, int]:
+        raw = self._redis.hgetall(self._centroids)
+        if not raw:
+            return None, 0
+        k, dim = int(raw[b"k"]), int(raw[b"dim"])
+        return np.frombuffer(raw[b"data"], dtype=np.float32).reshape(k, dim), int(raw[b"n"])
+
+    def set_centroids(self, centroids: np.ndarray, n: int) -> None:
+        data = np.ascontiguousarray(centroids, dtype=np.float32)
+        mapping = {"k": len(data), "dim": data.shape[1], "n": n, "data": data.tobytes()}
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hset(self._centroids, mapping=mapping)
+        pipe.delete(self._key)  # new clusters: every task is written again
+        pipe.execute()
+
+    def forget_centroids(self) -> None:
+        self._redis.delete(self._centroids)
+
+    def assigned(self) -> dict[int, int]:
+        return {int(t): int(c) for t, c in self._redis.hgetall(self._key).items()}
+
+    def set_assigned(self, task_id: int, cluster: int) -> None:
+        self._redis.hset(self._key, str(int(task_id)), str(int(cluster)))
+
+    def claim_run(self, seconds: int) -> bool:
+        return bool(self._redis.set(self._running, 1, nx=True, ex=seconds))
+
+    def release_run(self) -> None:
+        self._redis.delete(self._running)
+
+    def delete(self, pipeline: Pipeline | None = None) -> None:
+        self._conn(pipeline).delete(self._key, self._centroids, self._running)

@@ -11,7 +11,7 @@
     file: $("image-file"), paste: $("paste-zone"), k: $("k"),
     query: $("query"), results: $("results"), selectAll: $("select-all"),
     tabTitle: $("tab-title"), queue: $("queue"), message: $("message"),
-    suggestLabel: $("suggest-label"), duplicates: $("duplicates"),
+    suggestLabel: $("suggest-label"), duplicates: $("duplicates"), coverage: $("coverage"),
     progress: $("progress"), jobs: $("jobs"),
     user: $("user"), signOut: $("sign-out"), signIn: $("sign-in"), token: $("token"),
     signInMessage: $("sign-in-message"),
@@ -122,6 +122,31 @@
     els.projectLink.href = project ? project.url : "#";
     clearResults();
     renderProgress();
+    refreshCoverage();
+  }
+
+  // ---------------------------------------------------------------- coverage mode
+  async function refreshCoverage() {
+    if (!state.project) return;
+    try {
+      const data = await api("GET", `/api/projects/${state.project}/coverage`);
+      els.coverage.checked = data.enabled;
+      els.coverage.disabled = false;
+    } catch (error) {
+      els.coverage.disabled = true;  // a project Lookalike does not know yet
+    }
+  }
+
+  async function setCoverage() {
+    try {
+      const data = await api("PUT", `/api/projects/${state.project}/coverage`,
+                             { enabled: els.coverage.checked });
+      say(data.enabled ? "Coverage order on: Label All Tasks visits every cluster first " +
+                         "(applied by the workers in a moment)." : "Coverage order off.");
+    } catch (error) {
+      say(error.message, "error");
+      refreshCoverage();
+    }
   }
 
   function renderProgress() {
@@ -487,6 +512,7 @@
   els.selectAll.addEventListener("change", () => selectAll(els.selectAll.checked));
   els.queue.addEventListener("click", queueSelected);
   els.duplicates.addEventListener("click", showDuplicates);
+  els.coverage.addEventListener("change", setCoverage);
 
   updateSelection();
   checkSession().then((signedIn) => { if (signedIn) poll(); });

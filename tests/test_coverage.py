@@ -44,3 +44,33 @@ def test_every_cluster_is_served_once_before_any_twice() -> None:
 @pytest.mark.parametrize(("n", "k"), [(1, 1), (3, 3), (14, 7), (100, 20), (10**6, MAX_K)])
 def test_k_from_the_size(n: int, k: int) -> None:
     assert auto_k(n) == k
+
+
+def test_the_cli_turns_coverage_on_and_off(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import redis
+    from rq import Queue
+    from tests.services import redis_server
+
+    from lookalike.service.state import ProjectState
+
+    with redis_server(tmp_path / "redis") as url:
+        env = {**os.environ, "REDIS_URL": url, "LOOKALIKE_DATA_DIR": str(tmp_path)}
+        command = [sys.executable, "-m", "lookalike.cli", "coverage", "9", "on", "--k", "12"]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "coverage mode on (k: 12)" in done.stdout
+        connection = redis.Redis.from_url(url)
+        meta = ProjectState(connection, 9).meta.get()
+        assert (meta["coverage"], meta["coverage_k"]) == ("on", "12")
+        [job] = Queue("lookalike", connection=connection).jobs
+        assert job.func_name.endswith("apply_coverage") and job.args == (9,)
+        command[-3:] = ["off"]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and ProjectState(connection, 9).meta.get()["coverage"] == "off"
+        bad = subprocess.run([*command[:-1], "on", "--k", "1"], env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert bad.returncode == 2 and "k is an integer from 2 to 1000" in bad.stderr

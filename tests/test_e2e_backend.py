@@ -730,6 +730,32 @@ def test_near_duplicates_api_tab_and_diverse_queries(indexed: Stack) -> None:
     for group in report["groups"]:
         assert len(set(group["task_ids"]) & set(varied_ids)) <= 1, group
 
+    # A copy labeled differently from its original: that group is listed as conflicting.
+    result = [{"from_name": "label", "to_name": "image", "type": "rectanglelabels",
+               "original_width": 100, "original_height": 100,
+               "value": {"x": 5, "y": 5, "width": 20, "height": 20, "rotation": 0,
+                         "rectanglelabels": ["Car"]}}]
+    response = ls.request("POST", f"/api/tasks/{names['rocket_copy.jpg']}/annotations/",
+                          json={"result": result})
+    assert response.status_code == 201, response.text
+    report = wait_for(
+        lambda: (r := requests.get(url, timeout=30).json()).get("status") == "current"
+        and r["conflicting"] and r,
+        120,
+        "the conflicting group",
+    )
+    [conflict] = report["conflicting"]
+    assert conflict["task_ids"] == [names["rocket.jpg"], names["rocket_copy.jpg"]]
+    assert conflict["labels"] == {str(names["rocket.jpg"]): ["Police car"],
+                                  str(names["rocket_copy.jpg"]): ["Car"]}
+
+    # New tasks join their groups as they are indexed, with nobody asking: the tab follows.
+    upload(ls, photos.project, {"horse_again.jpg": jpeg_bytes(augmented(photo("horse")))})
+    again = wait_for(lambda: task_ids_by_name(ls, photos.project).get("horse_again.jpg"), 60,
+                     "the new task")
+    wait_for(lambda: again in tab(ls, photos.project, "Near-duplicates")[1] or None, 120,
+             "the new copy in the tab")
+
 
 def test_other_backends_predictions_are_never_hidden(indexed: Stack) -> None:
     """A project showing another model's predictions keeps them: tab only, sampling untouched."""
@@ -928,6 +954,14 @@ def test_coverage_mode_serves_every_cluster_once_before_any_twice(indexed: Stack
         label(served[-1])
     first_round = [cluster_of[t] for t in served]
     assert len(set(first_round)) == len(PHOTOS), first_round  # no cluster twice
+    # A task imported now gets its cluster as it is indexed (the nearest stored centre).
+    upload(ls, project, {"chelsea_again.jpg": jpeg_bytes(augmented(photo("chelsea")))})
+    new = task_ids_by_name(ls, project)["chelsea_again.jpg"]
+    ids["chelsea_again.jpg"] = new
+    cluster_of = wait_for(clusters, 120, "the new task's cluster")
+    # (one of the pair may carry the request's own cluster instead: compare with the other)
+    pair = {cluster_of[ids[n]] for n in ("chelsea.jpg", "chelsea_copy.jpg")}
+    assert cluster_of[new] in {c for c in pair if c >= 0}
     # Off: Lookalike's coverage predictions go; Label Studio's order is its own again.
     assert requests.put(url, json={"enabled": False}, timeout=30).status_code == 202
     wait_for(lambda: requests.get(url, timeout=30).json()["clusters"] == 0 or None, 60, "off")

@@ -100,6 +100,15 @@ def _show_tab(rt: Runtime, project: int, task_ids: list[int]) -> None:
     state.views.set(TAB, view_id)
 
 
+def refresh(rt: Runtime, project: int) -> None:
+    """After new tasks were indexed: group again at the threshold last asked for, if any (one
+    run at a time), so the report and the tab follow the project without being asked."""
+    state = rt.state(project)
+    threshold = state.duplicates.threshold()
+    if threshold is not None and state.duplicates.claim_run(threshold, RUN_SECONDS):
+        rt.jobs.duplicates(project, threshold)
+
+
 def report(rt: Runtime, project: int, threshold: float, page: int = 1,
            page_size: int = 100) -> tuple[dict[str, Any], bool]:
     """(The latest report at `threshold`, one page of its groups; whether it is complete).

@@ -83,8 +83,10 @@ def reindex_project(project: int) -> dict[str, int]:
 def index_tasks(project: int, tasks: list[dict[str, Any]], attempt: int = 1) -> dict[str, int]:
     rt = _rt()
     result = indexing.index_batch(rt, project, tasks, attempt, _report)
-    if result["indexed"] and coverage.settings_of(rt, project)["enabled"]:
-        coverage.start(rt, project)  # new tasks get their cluster
+    if result["indexed"]:
+        if coverage.settings_of(rt, project)["enabled"]:
+            coverage.start(rt, project)  # new tasks get their cluster
+        duplicates.refresh(rt, project)  # and join their near-duplicate groups
     return result
 
 

@@ -119,7 +119,15 @@ class DuplicateReport(Structure):
         return json.loads(raw) if raw else None
 
     def set(self, report: dict) -> None:
-        self._redis.set(self._key, json.dumps(report))
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.set(self._key, json.dumps(report))
+        pipe.set(f"{self._key}:threshold", repr(float(report["threshold"])))
+        pipe.execute()
+
+    def threshold(self) -> float | None:
+        """The threshold of the latest report (without reading the report)."""
+        raw = self._redis.get(f"{self._key}:threshold")
+        return float(raw) if raw else None
 
     def claim_run(self, threshold: float, seconds: int) -> bool:
         """Whether this caller should start a grouping at `threshold` (one at a time)."""
@@ -127,6 +135,9 @@ class DuplicateReport(Structure):
 
     def release_run(self, threshold: float) -> None:
         self._redis.delete(f"{self._key}:running:{threshold}")
+
+    def delete(self, pipeline: Pipeline | None = None) -> None:
+        self._conn(pipeline).delete(self._key, f"{self._key}:threshold")
 
 
 class CoverageState(Structure):

@@ -324,3 +324,54 @@ def test_search_page_searches_queues_and_shows_progress(
     assert driver.save_screenshot(str(screenshot))
     shutil.copy(screenshot, stack.root / "search-page.png")
     print(f"browser part took {time.monotonic() - started:.1f} s; screenshot: {screenshot}")
+
+
+def test_search_page_near_duplicates_and_coverage_order(page_stack: PageStack, browser) -> None:
+    """The page's Near-duplicates view (each group's thumbnails side by side, the kept one
+    marked) and its Coverage order switch (the project setting the REST API reads)."""
+    from selenium.webdriver.common.by import By
+
+    stack, driver, names = page_stack, browser, page_stack.names
+    driver.get(stack.url + "/")
+    token = page_wait(driver, 30).until(lambda d: d.find_element(By.ID, "token"))
+    if token.is_displayed():  # run alone: sign in first
+        token.send_keys(stack.ls.api_key)
+        driver.find_element(By.ID, "sign-in-button").click()
+    page_wait(driver, 30).until(
+        lambda d: d.find_element(By.ID, "project").get_attribute("value") == str(stack.project)
+    )
+    driver.find_element(By.ID, "duplicates").click()
+    groups = page_wait(driver, 120).until(
+        lambda d: (found := d.find_elements(By.CSS_SELECTOR, "#results .dup-group"))
+        and len(found) >= len(NAMES) and found
+    )
+    assert len(groups) == len(NAMES)
+    by_id = {v: k for k, v in names.items()}
+    for group in groups:
+        members = group.find_elements(By.CSS_SELECTOR, ".dup-member")
+        ids = [int(m.text.split()[0].lstrip("#")) for m in members]
+        original, copy = sorted(by_id[i] for i in ids)
+        assert copy == original.replace(".jpg", "_copy.jpg")
+        kept = group.find_elements(By.CSS_SELECTOR, ".dup-member.keep")
+        assert [int(k.text.split()[0].lstrip("#")) for k in kept] == [names[original]]
+    page_wait(driver, 60).until(lambda d: all(
+        d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img)
+        for img in d.find_elements(By.CSS_SELECTOR, "#results .dup-group img.thumb")))
+    assert "redundant copies" in driver.find_element(By.ID, "message").text
+
+    me = {"Authorization": f"Token {stack.ls.api_key}"}
+    url = f"{stack.url}/api/projects/{stack.project}/coverage"
+    switch = page_wait(driver, 30).until(
+        lambda d: (box := d.find_element(By.ID, "coverage")).is_enabled() and box
+    )
+    assert not switch.is_selected()
+    switch.click()
+    page_wait(driver, 30).until(
+        lambda d: "Coverage order on" in d.find_element(By.ID, "message").text
+    )
+    assert requests.get(url, headers=me, timeout=30).json()["enabled"] is True
+    switch.click()
+    page_wait(driver, 30).until(
+        lambda d: "Coverage order off" in d.find_element(By.ID, "message").text
+    )
+    assert requests.get(url, headers=me, timeout=30).json()["enabled"] is False

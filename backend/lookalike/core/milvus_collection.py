@@ -133,6 +133,13 @@ def _guarded(where: str, call: Callable[[], T]) -> T:
         ) from None
 
 
+def collection_names(client_factory: Callable[[], Any], where: str,
+                     timeout: float = 10.0) -> list[str]:
+    """Every collection name in the database (also the cheapest "is it there?")."""
+    client = _guarded(where, client_factory)
+    return list(_guarded(where, lambda: client.list_collections(timeout=timeout)))
+
+
 class _NotLoaded(Exception):
     """The collection exists but is not loaded into memory (searches need it loaded)."""
 
@@ -178,14 +185,8 @@ class MilvusCollection:
                                                                 timeout=self.timeout))
             return _guarded(self.where, call)
 
-    def list_all(self) -> list[str]:
-        """Every collection name in the database."""
-        client = _guarded(self.where, self._client_factory)
-        return list(_guarded(self.where, lambda: client.list_collections(timeout=self.timeout)))
-
     def ping(self) -> None:
-        client = _guarded(self.where, self._client_factory)
-        _guarded(self.where, lambda: client.list_collections(timeout=self.timeout))
+        collection_names(self._client_factory, self.where, self.timeout)
 
     def shape(self) -> tuple[str, int] | None:
         """(model spec, dimension) the collection was created with; None if it does not exist."""
@@ -306,36 +307,28 @@ class MilvusCollection:
         self, filter: str = "", vectors: bool = True
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every stored (ids, vectors) in pages (vectors empty when not asked for)."""
-        if self.shape() is None:
-            return
-        fields = [ID, VECTOR] if vectors else [ID]
-        iterator = self._call("query_iterator", batch_size=_READ_BATCH, filter=filter,
-                              output_fields=fields, consistency_level=CONSISTENCY)
-        try:
-            while True:
-                rows = _guarded(self.where, iterator.next)
-                if not rows:
-                    return
-                ids = np.fromiter((r[ID] for r in rows), dtype=np.int64, count=len(rows))
-                data = (np.asarray([r[VECTOR] for r in rows], dtype=np.float32) if vectors
-                        else np.empty((len(rows), 0), dtype=np.float32))
-                yield ids, data
-        finally:
-            iterator.close()
+        for rows in self._pages(filter, [ID, VECTOR] if vectors else [ID]):
+            ids = np.fromiter((r[ID] for r in rows), dtype=np.int64, count=len(rows))
+            data = (np.asarray([r[VECTOR] for r in rows], dtype=np.float32) if vectors
+                    else np.empty((len(rows), 0), dtype=np.float32))
+            yield ids, data
 
     def payloads(self) -> dict[int, str]:
         """Every id's payload text (CLI collections)."""
+        return {int(r[ID]): str(r.get(PAYLOAD) or "")
+                for rows in self._pages("", [ID, PAYLOAD]) for r in rows}
+
+    def _pages(self, filter: str, fields: list[str]) -> Iterator[list[dict[str, Any]]]:
+        """Every matching row's `fields`, a page at a time (nothing if no collection)."""
         if self.shape() is None:
-            return {}
-        iterator = self._call("query_iterator", batch_size=_READ_BATCH, filter="",
-                              output_fields=[ID, PAYLOAD], consistency_level=CONSISTENCY)
-        found: dict[int, str] = {}
+            return
+        iterator = self._call("query_iterator", batch_size=_READ_BATCH, filter=filter,
+                              output_fields=fields, consistency_level=CONSISTENCY)
         try:
             while rows := _guarded(self.where, iterator.next):
-                found.update((int(r[ID]), str(r.get(PAYLOAD) or "")) for r in rows)
+                yield rows
         finally:
             iterator.close()
-        return found
 
     def get_vectors(self, ids: Iterable[int]) -> dict[int, np.ndarray]:
         ids = sorted({int(i) for i in ids})

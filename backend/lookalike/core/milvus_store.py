@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from lookalike.core.milvus_collection import MilvusCollection
+from lookalike.core.milvus_collection import MilvusCollection, collection_names
 from lookalike.core.store import Hit, StoreError, _as_vectors, validate_name
 
 PREFIX = "lookalike_cli_"
@@ -111,8 +111,8 @@ class MilvusStore:
         return MilvusCollection(self._client_factory, self.root, _encode(name), self.timeout)
 
     def names(self) -> list[str]:
-        probe = MilvusCollection(self._client_factory, self.root, PREFIX + "probe", self.timeout)
-        return sorted(_decode(n) for n in probe.list_all() if n.startswith(PREFIX))
+        names = collection_names(self._client_factory, self.root, self.timeout)
+        return sorted(_decode(n) for n in names if n.startswith(PREFIX))
 
     def exists(self, name: str) -> bool:
         return self._collection(name).shape() is not None

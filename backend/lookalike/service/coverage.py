@@ -26,6 +26,7 @@ from lookalike.core.coverage import assign, cluster, coverage_score
 from lookalike.errors import BadRequestError
 from lookalike.service.queueing import ownership, point_project_at_lookalike
 from lookalike.service.runtime import Runtime
+from lookalike.service.state.vectors import gather
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +66,19 @@ def start(rt: Runtime, project: int) -> None:
 def apply(rt: Runtime, project: int) -> dict[str, int]:
     state = rt.state(project)
     state.coverage.release_run()  # changes from now on start another run
-    if not settings_of(rt, project)["enabled"]:
+    mode = settings_of(rt, project)
+    if not mode["enabled"]:
         return {"cleared": _clear(rt, project)}
     ranked, note = ownership(rt.settings, rt.ls, project)
     if not ranked:
         state.meta.update(coverage_error=f"coverage mode needs Lookalike's predictions: {note}")
         return {"written": 0}
-    batches = list(state.vectors.iter_batches())
-    if not batches:
+    ids, vectors = gather(state.vectors.iter_batches())
+    if not len(ids):
         return {"written": 0}
-    ids = np.concatenate([b[0] for b in batches])
-    vectors = np.concatenate([b[1] for b in batches])
     centroids, clustered_at = state.coverage.centroids()
     if centroids is None or len(ids) >= RECLUSTER_GROWTH * clustered_at:
-        grouping = cluster(vectors, settings_of(rt, project)["k"])
+        grouping = cluster(vectors, mode["k"])
         state.coverage.set_centroids(grouping.centroids, len(ids))
     else:
         grouping = assign(vectors, centroids)

@@ -15,13 +15,12 @@ import logging
 import time
 from typing import Any
 
-import numpy as np
-
 from lookalike.core.duplicates import near_duplicate_groups
 from lookalike.errors import BadRequestError
 from lookalike.service.indexing import image_key
 from lookalike.service.queueing import BY_ID
 from lookalike.service.runtime import Runtime
+from lookalike.service.state.vectors import gather
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +61,7 @@ def compute(rt: Runtime, project: int, threshold: float) -> dict[str, Any]:
     state = rt.state(project)
     try:
         change = state.vectors.last_change_id()  # first: a later change makes it stale
-        batches = list(state.vectors.iter_batches())
-        ids = np.concatenate([b[0] for b in batches]) if batches else np.empty(0, np.int64)
-        vectors = np.concatenate([b[1] for b in batches]) if batches else np.empty((0, 1))
+        ids, vectors = gather(state.vectors.iter_batches())
         grouping = near_duplicate_groups(ids, vectors, threshold)
         labeled = state.labeled.ids()
         labels = state.labels.by_task()

@@ -74,9 +74,6 @@ class MilvusVectors:
     def note(self, op: str, ids: list[int], pipeline: Pipeline) -> None:
         self._log.note(op, ids, pipeline)
 
-    def label(self, ids: list[int], pipeline: Pipeline) -> None:
-        self._log.note("label", ids, pipeline)
-
     def labeled_changed(self, ids: list[int]) -> None:
         """After Redis committed `ids` as labeled: flag them in Milvus too (best effort)."""
         try:
@@ -124,9 +121,8 @@ class MilvusProject:
     """What a search needs of a project (the `Collection` methods `SimilarityService` calls),
     answered by Milvus; labeled tasks are checked against Redis, the source of truth."""
 
-    def __init__(self, vectors: MilvusVectors, labeled: TaskSet) -> None:
-        self._vectors = vectors
-        self._collection = vectors.collection
+    def __init__(self, collection: MilvusCollection, labeled: TaskSet) -> None:
+        self._collection = collection
         self._labeled = labeled
 
     @property
@@ -195,7 +191,7 @@ class MilvusIndexes:
                 f"project {project} has no index yet: connect the backend to it or "
                 f"POST /api/projects/{project}/sync, then wait for indexing"
             )
-        return MilvusProject(state.vectors, state.labeled)
+        return MilvusProject(state.vectors.collection, state.labeled)
 
     def wait_for_upkeep(self, timeout: float | None = None) -> None:
         pass  # nothing runs in the background

@@ -232,6 +232,14 @@ class VectorLog(Structure):
         return out
 
 
+def gather(batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """`iter_batches()` (of either engine) as one (ids, vectors) pair; empty arrays if none."""
+    parts = list(batches)
+    if not parts:
+        return np.empty(0, dtype=np.int64), np.empty((0, 0), dtype=np.float32)
+    return np.concatenate([ids for ids, _ in parts]), np.concatenate([v for _, v in parts])
+
+
 def _stream_id_lt(a: str, b: str) -> bool:
     a_ms, _, a_seq = a.partition("-")
     b_ms, _, b_seq = b.partition("-")

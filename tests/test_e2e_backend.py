@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import requests
 from PIL import Image, ImageEnhance, ImageOps
+from rq.job import Job, JobStatus
 from skimage import data as skdata
 from tests.services import (
     LabelStudioServer,
@@ -888,7 +890,18 @@ def test_reindex_starts_clean_and_labeled_tasks_stay_out(indexed: Stack) -> None
     assert labeled >= 1  # the rare-label test annotated some
     response = requests.post(f"{photos.url}/api/projects/{photos.project}/reindex", timeout=10)
     assert response.status_code == 202, response.text
-    wait_for(lambda: photos.status()["indexed"] < before["indexed"] or None, 60, "the reset")
+    # The reindex job's own summary proves the reset: after it, no task counted as indexed, so
+    # every task was queued again. (Watching the count drop raced a fast reindex under load.)
+    connection = redis.Redis.from_url(indexed.photos_redis_url)
+    job = Job.fetch(response.json()["job_id"], connection=connection)
+
+    def finished() -> dict | None:
+        job.refresh()
+        assert job.get_status() != JobStatus.FAILED, job.latest_result()
+        return job.return_value() if job.get_status() == JobStatus.FINISHED else None
+
+    summary = wait_for(finished, 120, "the reindex job")
+    assert summary["enqueued"] == summary["tasks"] >= before["indexed"], summary
     wait_for(
         lambda: photos.status()["indexed"] == before["indexed"] or None, 240, "the reindex"
     )

@@ -15,13 +15,19 @@ import torch
 from lookalike.config import Settings
 from lookalike.core.embedding import embedder_from_settings, load_embedder
 from lookalike.core.inference import InferencePlan, PrecisionError
+from lookalike.core.int8 import Int8Linear, Int8SelfAttention
 from lookalike.core.weights import EFFICIENTNET_LITE0_SPEC
+
+INT8_LAYERS = (Int8Linear, Int8SelfAttention)
 
 
 def test_cpu_plan_defaults_to_int8_and_small_batches() -> None:
-    plan = InferencePlan.choose("cpu", cpus=2)
+    plan = InferencePlan.choose("cpu", cpus=2, machine="x86_64")
     assert (plan.precision, plan.batch_size, plan.pin_memory) == ("int8", 8, False)
     assert plan.load_workers == 6
+    # int8 runs on oneDNN's x86 kernels; other CPUs stay in fp32 unless asked
+    assert InferencePlan.choose("cpu", machine="aarch64").precision == "fp32"
+    assert InferencePlan.choose("cpu", "int8", machine="aarch64").precision == "int8"
 
 
 def test_cuda_plan_feeds_the_gpu() -> None:
@@ -66,8 +72,9 @@ def test_int8_quantizes_the_linear_layers_and_keeps_the_vectors(clip_by_precisio
     images = [photos[name] for name in ("chelsea", "coffee", "rocket", "astronaut")]
     fp32 = clip_by_precision["fp32"].embed_images(images)
     int8 = clip_by_precision["int8"]
-    quantized = [m for m in int8.model.modules() if "quantized" in type(m).__module__]
+    quantized = [m for m in int8.model.modules() if isinstance(m, INT8_LAYERS)]
     assert quantized, "no layer was quantized"
+    assert any(isinstance(m, Int8SelfAttention) for m in quantized)  # attention too
     cosine = (int8.embed_images(images) * fp32).sum(1)
     assert cosine.min() > 0.99
     assert not np.allclose(cosine, 1.0, atol=1e-6)  # it did run another arithmetic
@@ -87,7 +94,7 @@ def test_bf16_autocast_runs_on_the_cpu(clip_by_precision, photos):
 def test_fp32_is_plain_float32(clip_by_precision) -> None:
     model = clip_by_precision["fp32"].model
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert not [m for m in model.modules() if "quantized" in type(m).__module__]
+    assert not [m for m in model.modules() if isinstance(m, INT8_LAYERS)]
 
 
 def test_int8_falls_back_to_fp32_where_the_quantized_model_does_not_run(
@@ -97,7 +104,7 @@ def test_int8_falls_back_to_fp32_where_the_quantized_model_does_not_run(
     embedder = load_embedder("open_clip:RN50/random", cache_dir=model_cache_dir)
     assert embedder.plan.precision == "fp32"
     assert "int8 does not run on this model" in caplog.text
-    assert not [m for m in embedder.model.modules() if "quantized" in type(m).__module__]
+    assert not [m for m in embedder.model.modules() if isinstance(m, INT8_LAYERS)]
     vectors = embedder.embed_images([photos["chelsea"], photos["rocket"]])
     assert vectors.shape == (2, embedder.dim)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from lookalike.core.images import ImageLimits, ImageLoadError, decode_image
-from lookalike.service.task_files import PARTIAL_MAX_AGE, TaskFileCache, cache_name
+from lookalike.service.task_files import PARTIAL_MAX_AGE, TRIM_SHARE, TaskFileCache, cache_name
 
 URL = "http://127.0.0.1:8080/data/upload/1/photo.png"
 
@@ -108,3 +108,43 @@ def test_a_file_over_the_limit_names_its_url_and_is_not_kept(tmp_path: Path, pho
         cache.read(URL, lambda d: shutil.copy(photo_file, d / "photo.png"), limits)
     assert info.value.reason == "too_large" and URL in str(info.value)
     assert not list((tmp_path / "cache").iterdir())
+
+
+def _download_bytes(size: int, tag: int):
+    def download(directory: Path) -> Path:
+        path = directory / f"{tag}.jpg"
+        path.write_bytes(bytes([tag % 251]) * size)
+        return path
+
+    return download
+
+
+def test_the_cache_stays_near_its_limit_least_recently_used_first(tmp_path: Path) -> None:
+    cache_dir, limit, size = tmp_path / "cache", 64_000, 1_000
+    cache = TaskFileCache(cache_dir, limit)
+    url = "http://127.0.0.1:8080/data/upload/1/{}.jpg"
+    peak = 0
+    for tag in range(200):
+        cache.read(url.format(tag), _download_bytes(size, tag), ImageLimits())
+        if tag == 190:  # a file about to go, used again: it stays, its neighbour goes
+            cache.read(url.format(130), _download_bytes(size, 130), ImageLimits())
+        peak = max(peak, sum(f.stat().st_size for f in cache_dir.iterdir() if f.is_file()))
+    assert limit < peak <= limit + limit // TRIM_SHARE + size  # trimmed now and then
+    kept = {f.name for f in cache_dir.iterdir()}
+    assert cache_name(url.format(199)) in kept and cache_name(url.format(130)) in kept
+    assert cache_name(url.format(131)) not in kept and cache_name(url.format(0)) not in kept
+
+
+def test_trimming_is_amortized_over_downloads(tmp_path: Path) -> None:
+    trims = []
+
+    class Counted(TaskFileCache):
+        def trim(self, keep: Path) -> None:
+            trims.append(keep)
+            super().trim(keep)
+
+    limit, size = 32_000, 100  # each trim is due after 1,000 bytes: every 10 downloads
+    cache = Counted(tmp_path / "cache", limit)
+    for tag in range(100):
+        cache.read(f"http://127.0.0.1:8080/{tag}.jpg", _download_bytes(size, tag), ImageLimits())
+    assert len(trims) == 10  # the first download, then one per 1,000 bytes added

@@ -2,12 +2,12 @@
 
 Chosen with bench/bench_embed.py (2-core AVX-512 CPU; ratios in the README):
 
-- CPU, `int8` (the default there): the Linear layers' weights quantized to int8 and their
-  activations quantized on the fly (`torch.ao.quantization.quantize_dynamic`). A ViT spends
-  most of its time in Linear layers; convolutional models keep fp32 convolutions, so for them
-  nothing changes. Each image's activations are quantized on their own, so a vector never
-  depends on its batch-mates; vectors stay within ~2e-4 in cosine of fp32. A model whose
-  quantized form does not run stays fp32 (with a warning).
+- CPU, `int8` (the default there): Linear layers and self-attention projections in 8-bit
+  integers (`lookalike.core.int8`: weights per output channel, activations per token). A ViT
+  spends most of its time in those products; convolutional models keep fp32 convolutions, so
+  for them little changes. Activations are scaled per token, so a vector never depends on its
+  batch-mates; vectors stay within ~1e-4 in cosine of fp32. A model whose quantized form does
+  not run stays fp32 (with a warning).
 - CUDA, `fp16` (the default there): autocast to half precision, batches of 128, batches copied
   from pinned host memory without blocking, and more loader threads, since a GPU is fed by
   decoding, not limited by inference.
@@ -19,11 +19,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import platform
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
 
+from lookalike.core import int8
 from lookalike.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -45,16 +47,25 @@ class InferencePlan:
 
     @classmethod
     def choose(
-        cls, device: str, precision: str = "auto", batch_size: int = 0, cpus: int | None = None
+        cls,
+        device: str,
+        precision: str = "auto",
+        batch_size: int = 0,
+        cpus: int | None = None,
+        machine: str | None = None,
     ) -> InferencePlan:
         cuda = device.startswith("cuda")
         cpus = cpus or os.cpu_count() or 1
+        machine = (machine or platform.machine()).lower()
         if precision not in PRECISIONS:
             raise PrecisionError(
                 f"LOOKALIKE_PRECISION={precision!r}: use one of {', '.join(PRECISIONS)}"
             )
         if precision == "auto":
-            precision = "fp16" if cuda else "int8"
+            # int8 products run on oneDNN's x86 kernels (VNNI / AVX2); elsewhere PyTorch may
+            # fall back to a plain loop, slower than fp32, so other CPUs default to fp32.
+            x86 = machine in ("x86_64", "amd64")
+            precision = "fp16" if cuda else "int8" if x86 else "fp32"
         if precision == "int8" and cuda:
             raise PrecisionError("int8 runs on the CPU only; use fp16 or fp32 on a GPU")
         if precision == "fp16" and not cuda:
@@ -85,7 +96,7 @@ class InferencePlan:
         # and open_clip's text tower reads its Linear weights' dtype, which quantized layers
         # no longer have. A text query is one short pass in fp32.
         tower = getattr(model, "visual", None)
-        quantized = _int8(tower if isinstance(tower, torch.nn.Module) else model)
+        quantized = int8.quantize(tower if isinstance(tower, torch.nn.Module) else model)
         candidate = model
         if isinstance(tower, torch.nn.Module):
             model.visual = quantized
@@ -117,32 +128,3 @@ class InferencePlan:
         if self.pin_memory:
             return batch.pin_memory().to(self.device, non_blocking=True)
         return batch.to(self.device)
-
-
-def _int8(module: torch.nn.Module) -> torch.nn.Module:
-    quantized = torch.ao.quantization.quantize_dynamic(
-        module, {torch.nn.Linear}, dtype=torch.qint8
-    )
-    # A dynamically quantized Linear scales its whole input tensor at once, so an image's
-    # vector would depend on its batch-mates (by ~1e-4 in cosine): a file queried on its own
-    # would not score 1.0 against its own indexed vector. Each image is quantized on its own.
-    batch_dim = 0 if getattr(getattr(module, "transformer", None), "batch_first", True) else 1
-    for parent in list(quantized.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, torch.ao.nn.quantized.dynamic.Linear):
-                setattr(parent, name, _PerImage(child, batch_dim))
-    return quantized
-
-
-class _PerImage(torch.nn.Module):
-    """Runs a layer on each image of a batch separately (see `_int8`)."""
-
-    def __init__(self, layer: torch.nn.Module, batch_dim: int) -> None:
-        super().__init__()
-        self.layer, self.batch_dim = layer, batch_dim
-
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        if batch.dim() < 2 or batch.shape[self.batch_dim] == 1:
-            return self.layer(batch)
-        parts = batch.split(1, self.batch_dim)
-        return torch.cat([self.layer(part) for part in parts], self.batch_dim)

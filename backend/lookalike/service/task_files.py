@@ -5,7 +5,10 @@ the image again.
 Every file enters the cache by an atomic rename from a private download directory, so a process
 killed mid-download never leaves a truncated image under the cache's name for another process to
 take for the whole file (that once failed a task for good as "corrupt"). The cache is kept under
-a size limit, least recently used first.
+a size limit, least recently used first. Trimming lists the whole directory (~24 ms at 3,000
+files), so a process trims on its first download into a directory and then each time it has
+added 1/TRIM_SHARE of the limit, not after every download; with P processes the cache can run
+over its limit by at most P/TRIM_SHARE of it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -24,6 +28,11 @@ from lookalike.core.images import ImageLimits, ImageLoadError, read_source
 
 PARTIAL_PREFIX = ".partial-"
 PARTIAL_MAX_AGE = 3600.0  # a download directory this old belongs to a process that died
+TRIM_SHARE = 32
+
+# Bytes this process added to each cache directory since it last trimmed it (none: never).
+_added_since_trim: dict[Path, int] = {}
+_added_lock = threading.Lock()
 
 
 def cache_name(url: str) -> str:
@@ -65,6 +74,7 @@ class TaskFileCache:
                 raise ImageLoadError("download_failed", f"cannot fetch {url}: {exc}") from exc
             if not path.is_relative_to(partial):
                 return _read(path, url, limits)  # a local file: read in place, never moved
+            size = path.stat().st_size
             os.replace(path, cached)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
@@ -74,7 +84,17 @@ class TaskFileCache:
             cached.unlink(missing_ok=True)  # e.g. over the size limit: no use keeping it
             raise
         finally:
-            self.trim(keep=cached)
+            if self._trim_due(size):
+                self.trim(keep=cached)
+
+    def _trim_due(self, added: int) -> bool:
+        with _added_lock:
+            since = _added_since_trim.get(self.directory)
+            if since is not None and since + added < self.limit_bytes // TRIM_SHARE:
+                _added_since_trim[self.directory] = since + added
+                return False
+            _added_since_trim[self.directory] = 0
+            return True
 
     def trim(self, keep: Path) -> None:
         """Delete the least recently used files until the cache holds at most its limit

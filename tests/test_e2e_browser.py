@@ -263,6 +263,21 @@ def test_search_page_searches_queues_and_shows_progress(
     results = _wait_results(driver, f"Similar to #{copy}")
     assert results[0]["task_id"] == query, results
 
+    # The query's image has a fixed box, loaded or not: the results never move under the
+    # pointer when it arrives (this click once landed on a thumbnail that had moved there).
+    box = driver.execute_script(
+        """
+        const img = document.querySelector('#query img');
+        const unloaded = img.cloneNode();
+        unloaded.removeAttribute('src');
+        img.after(unloaded);
+        const r = unloaded.getBoundingClientRect();
+        unloaded.remove();
+        return [r.width, r.height, img.getBoundingClientRect().height];
+        """
+    )
+    assert box == [120, 72, 72], box
+
     # "Not this" on the top result: the same query again, refined; that task is gone.
     driver.find_element(By.CSS_SELECTOR, "#results .result button.not-this").click()
     refined = _wait_results(driver, f"Similar to #{copy} (refined)")

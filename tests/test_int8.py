@@ -83,3 +83,12 @@ def test_quantize_replaces_a_copy_and_leaves_the_model_alone() -> None:
     assert type(quantized.attn.original.out_proj) is not Int8Linear
     assert isinstance(holder.attn, torch.nn.MultiheadAttention)
     assert all(type(m) is torch.nn.Linear for m in holder.mlp if not isinstance(m, torch.nn.GELU))
+
+
+def test_attention_with_extra_key_value_rows_is_left_in_fp32() -> None:
+    holder = torch.nn.Module()
+    holder.biased = torch.nn.MultiheadAttention(16, 2, add_bias_kv=True)
+    holder.zeros = torch.nn.MultiheadAttention(16, 2, add_zero_attn=True)
+    quantized = quantize(holder)
+    assert type(quantized.biased) is torch.nn.MultiheadAttention
+    assert type(quantized.zeros) is torch.nn.MultiheadAttention

@@ -102,8 +102,19 @@ def quantize(module: torch.nn.Module) -> torch.nn.Module:
     for parent in [m for m in quantized.modules() if id(m) not in inside]:
         for name, child in list(parent.named_children()):
             if isinstance(child, torch.nn.MultiheadAttention):
-                if child._qkv_same_embed_dim and child.in_proj_weight is not None:
+                if _plain_attention(child):
                     setattr(parent, name, Int8SelfAttention(child))
             elif isinstance(child, torch.nn.Linear):
                 setattr(parent, name, Int8Linear.from_linear(child))
     return quantized
+
+
+def _plain_attention(attention: torch.nn.MultiheadAttention) -> bool:
+    """Attention that `Int8SelfAttention` computes exactly as PyTorch does: one packed q/k/v
+    projection, no extra key/value bias rows, no zero-attention row."""
+    return (
+        attention._qkv_same_embed_dim
+        and attention.in_proj_weight is not None
+        and attention.bias_k is None
+        and not attention.add_zero_attn
+    )

@@ -56,17 +56,36 @@ def test_int8_self_attention_matches_multihead_attention(batch_first: bool) -> N
     torch.testing.assert_close(alone, first, rtol=1e-5, atol=1e-5)
 
 
-def test_cross_attention_and_weights_go_to_the_original_module() -> None:
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_other_attention_calls_run_on_the_dequantized_weights(batch_first: bool) -> None:
+    # Cross-attention, masks and attention weights: PyTorch's own attention function, on the
+    # int8 weights dequantized (no fp32 copy is kept), so close to the original module.
     torch.manual_seed(3)
-    attention = torch.nn.MultiheadAttention(32, 2, batch_first=True).eval()
+    attention = torch.nn.MultiheadAttention(32, 2, batch_first=batch_first).eval()
     layer = Int8SelfAttention(attention)
     q, kv = torch.randn(2, 4, 32), torch.randn(2, 6, 32)
+    if not batch_first:
+        q, kv = q.transpose(0, 1), kv.transpose(0, 1)
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[:, -1] = True  # nobody attends to the last token
     with torch.inference_mode():
-        out, _ = layer(q, kv, kv, need_weights=False)
-        ref, _ = attention(q, kv, kv, need_weights=False)
-        _, weights = layer(q, q, q, need_weights=True)
-    torch.testing.assert_close(out, ref)
-    assert weights is not None and weights.shape == (2, 4, 4)
+        cross, _ = layer(q, kv, kv, need_weights=False)
+        cross_ref, _ = attention(q, kv, kv, need_weights=False)
+        masked, weights = layer(q, q, q, need_weights=True, attn_mask=mask)
+        masked_ref, weights_ref = attention(q, q, q, need_weights=True, attn_mask=mask)
+    assert cross.shape == cross_ref.shape and 0 < _relative_error(cross, cross_ref) < 0.03
+    assert masked.shape == masked_ref.shape and _relative_error(masked, masked_ref) < 0.03
+    assert weights.shape == weights_ref.shape == (2, 4, 4)
+    assert float(weights[..., -1].abs().max()) == 0.0  # the mask held
+    torch.testing.assert_close(weights, weights_ref, atol=0.02, rtol=0)
+
+
+def test_int8_attention_keeps_no_fp32_copy_of_its_projections() -> None:
+    attention = torch.nn.MultiheadAttention(64, 4)
+    layer = Int8SelfAttention(attention)
+    fp32 = sum(t.numel() for t in layer.state_dict().values() if t.dtype == torch.float32)
+    assert fp32 == 3 * 64 + 64 + 3 * 64 + 64  # scales and biases only
+    assert not [m for m in layer.modules() if isinstance(m, torch.nn.MultiheadAttention)]
 
 
 def test_quantize_replaces_a_copy_and_leaves_the_model_alone() -> None:
@@ -79,8 +98,6 @@ def test_quantize_replaces_a_copy_and_leaves_the_model_alone() -> None:
     quantized = quantize(holder)
     assert isinstance(quantized.attn, Int8SelfAttention)
     assert [type(m) for m in quantized.mlp] == [Int8Linear, torch.nn.GELU, Int8Linear]
-    # the attention module kept for calls it passes on still has its fp32 out_proj
-    assert type(quantized.attn.original.out_proj) is not Int8Linear
     assert isinstance(holder.attn, torch.nn.MultiheadAttention)
     assert all(type(m) is torch.nn.Linear for m in holder.mlp if not isinstance(m, torch.nn.GELU))
 
@@ -91,4 +108,5 @@ def test_attention_with_extra_key_value_rows_is_left_in_fp32() -> None:
     holder.zeros = torch.nn.MultiheadAttention(16, 2, add_zero_attn=True)
     quantized = quantize(holder)
     assert type(quantized.biased) is torch.nn.MultiheadAttention
+    assert type(quantized.biased.out_proj) is not Int8Linear  # it reads out_proj.weight itself
     assert type(quantized.zeros) is torch.nn.MultiheadAttention

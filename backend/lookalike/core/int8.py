@@ -1,8 +1,8 @@
 """Int8 inference on the CPU: Linear layers (and self-attention projections) in 8-bit integers.
 
 Contract: `quantize(module)` returns a copy of `module` in which every `nn.Linear` and every
-self-attention `nn.MultiheadAttention` computes its matrix products in int8 (`torch._int_mm`,
-oneDNN's VNNI kernels on x86), with
+plain `nn.MultiheadAttention` (packed q/k/v, no extra key/value rows) computes its projections
+in int8 (`torch._int_mm`, oneDNN's VNNI kernels on x86), with
 
 - weights quantized once, symmetrically, per output channel;
 - activations quantized on the fly, symmetrically, per row, i.e. per token of each image, so a
@@ -51,16 +51,22 @@ class Int8Linear(torch.nn.Module):
             out.add_(self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
 
+    def dequantized(self) -> torch.Tensor:
+        """The weight as float32 (out, in), as this layer's products see it."""
+        return self.weight_t.t().float() * self.weight_scale[:, None]
+
 
 class Int8SelfAttention(torch.nn.Module):
-    """`nn.MultiheadAttention` for self-attention with int8 projections (q, k, v in one
-    product) and PyTorch's fused attention kernel. Calls it cannot serve the same way
-    (cross-attention, attention weights asked for) go to the original module."""
+    """`nn.MultiheadAttention` with int8 projections. Self-attention without a mask (what
+    image towers run) takes the fast path: q, k, v in one int8 product and PyTorch's fused
+    attention kernel. Any other call (cross-attention, masks, attention weights asked for)
+    runs PyTorch's own attention function on the dequantized weights, so no fp32 copy of the
+    projections is kept (~110 MB for ViT-B-32, ~400 MB for ViT-L-14)."""
 
     def __init__(self, attention: torch.nn.MultiheadAttention) -> None:
         super().__init__()
-        self.original = attention
         self.heads, self.batch_first = attention.num_heads, attention.batch_first
+        self.width = attention.embed_dim
         self.qkv = Int8Linear(attention.in_proj_weight, attention.in_proj_bias)
         self.proj = Int8Linear.from_linear(attention.out_proj)
 
@@ -72,11 +78,10 @@ class Int8SelfAttention(torch.nn.Module):
         need_weights: bool = True,
         attn_mask: torch.Tensor | None = None,
         **kwargs: object,
-    ) -> tuple[torch.Tensor, None]:
-        if key is not query or value is not query or need_weights or kwargs or query.dim() != 3:
-            return self.original(
-                query, key, value, need_weights=need_weights, attn_mask=attn_mask, **kwargs
-            )
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        plain = key is query and value is query and attn_mask is None and query.dim() == 3
+        if not plain or need_weights or kwargs:
+            return self._general(query, key, value, need_weights, attn_mask, **kwargs)
         x = query if self.batch_first else query.transpose(0, 1)
         batch, tokens, width = x.shape
         q, k, v = (
@@ -84,11 +89,29 @@ class Int8SelfAttention(torch.nn.Module):
             .view(batch, tokens, 3, self.heads, width // self.heads)
             .permute(2, 0, 3, 1, 4)
         )
-        if attn_mask is not None and attn_mask.dtype != torch.bool:
-            attn_mask = attn_mask.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = F.scaled_dot_product_attention(q, k, v)
         out = self.proj(out.transpose(1, 2).reshape(batch, tokens, width))
         return (out if self.batch_first else out.transpose(0, 1)), None
+
+    def _general(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        need_weights: bool,
+        attn_mask: torch.Tensor | None,
+        **kwargs: object,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batched_first = self.batch_first and query.dim() == 3
+        if batched_first:  # PyTorch's function takes (tokens, batch, width)
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        out, weights = F.multi_head_attention_forward(
+            query, key, value, self.width, self.heads,
+            self.qkv.dequantized(), self.qkv.bias, None, None, False, 0.0,
+            self.proj.dequantized(), self.proj.bias,
+            training=False, need_weights=need_weights, attn_mask=attn_mask, **kwargs,
+        )  # fmt: skip
+        return (out.transpose(0, 1) if batched_first else out), weights
 
 
 def quantize(module: torch.nn.Module) -> torch.nn.Module:
@@ -96,8 +119,7 @@ def quantize(module: torch.nn.Module) -> torch.nn.Module:
     docstring); `module` itself is left as it was."""
     quantized = copy.deepcopy(module)
     attentions = [m for m in quantized.modules() if isinstance(m, torch.nn.MultiheadAttention)]
-    # An attention module's own out_proj stays as it is: the original module serves the calls
-    # Int8SelfAttention passes on.
+    # Never inside an attention module: one kept in fp32 reads its out_proj's weight itself.
     inside = {id(m) for a in attentions for m in a.modules()}
     for parent in [m for m in quantized.modules() if id(m) not in inside]:
         for name, child in list(parent.named_children()):

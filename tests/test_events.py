@@ -11,6 +11,7 @@ from tests.services import redis_server
 from lookalike.config import Settings
 from lookalike.service.events import handle_webhook
 from lookalike.service.runtime import Runtime
+from lookalike.timeouts import LABEL_STUDIO_OUTAGE_RETRY_DELAYS
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +101,9 @@ def test_project_deleted_drops_it(rt: Runtime) -> None:
     handle_webhook(rt, event("PROJECT_DELETED"))
     [job] = queued(rt)
     assert job.func_name.endswith(".drop_project") and job.args == (3,)
+    # tried again on the outage schedule (the vector database may be away meanwhile)
+    assert job.retries_left == len(LABEL_STUDIO_OUTAGE_RETRY_DELAYS)
+    assert job.retry_intervals == list(LABEL_STUDIO_OUTAGE_RETRY_DELAYS)
 
 
 @pytest.mark.parametrize("body", [{"action": "TASKS_CREATED"}, {"action": "X", "project": "3"}, {}])

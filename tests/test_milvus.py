@@ -222,12 +222,19 @@ def test_milvus_down_is_a_clear_error_and_indexing_resumes(
         assert rt.jobs.queue.scheduled_job_registry.count == 1
         labeled_while_down = 4
         state.mark_labeled([labeled_while_down])  # Redis commits; the flag waits
+        # Dropping a project meanwhile fails whole (its job is retried) and loses nothing.
+        dropped = rt.state(6)
+        with pytest.raises(UnavailableError):
+            dropped.drop()
+        assert dropped.tasks.ids() == {11, 12}
         server.start()
         # (gRPC reconnects on the next call after the server is back: allow a few seconds)
         wait_for(lambda: state.status()["indexed"] == 10 or None, 20, "Milvus to be back")
         assert state.status()["error"] is None
         hits = MilvusIndexes(rt.state).get(PROJECT).search(data[labeled_while_down - 1], 3)
         assert labeled_while_down not in [h.id for h in hits]
+        dropped.drop()  # the retry, once Milvus is back
+        assert dropped.tasks.ids() == set()
         rt.redis.flushdb()
 
 

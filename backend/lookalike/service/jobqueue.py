@@ -130,7 +130,13 @@ class JobQueue:
         )
 
     def drop(self, project: int) -> Job:
-        return self.queue.enqueue(DROP, project, job_id=self._job_id(project))
+        # The vector database may be away when a project is deleted: dropping is idempotent,
+        # so it is tried again on the outage schedule rather than left behind.
+        retry = Retry(
+            max=len(LABEL_STUDIO_OUTAGE_RETRY_DELAYS),
+            interval=list(LABEL_STUDIO_OUTAGE_RETRY_DELAYS),
+        )
+        return self.queue.enqueue(DROP, project, retry=retry, job_id=self._job_id(project))
 
     def duplicates(self, project: int, threshold: float) -> Job:
         """Group the project's near-duplicates at `threshold` (and refresh its tab)."""

@@ -43,15 +43,18 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageEnhance, ImageOps
 from skimage import data as skdata
 
 from lookalike.core.embedding import Embedder, load_embedder
 from lookalike.core.folder_index import index_folder
+from lookalike.core.images import load_image
 from lookalike.core.store import Collection
 from lookalike.core.weights import EFFICIENTNET_LITE0_SPEC, convert_efficientnet_lite0
 
@@ -102,34 +105,27 @@ def naive(embedder: Embedder, paths: list[Path]) -> tuple[float, np.ndarray]:
     return len(paths) / (time.perf_counter() - start), vectors
 
 
-def model_only(embedder: Embedder, paths: list[Path]) -> float:
-    from lookalike.core.images import load_image
+def load_only(embedder: Embedder, paths: list[Path]) -> tuple[float, list[torch.Tensor]]:
+    """Loading alone (draft decode and preprocessing in the pipeline's loader threads): the
+    rate, and the model's inputs for `model_only`."""
 
-    inputs = [embedder.prepare(load_image(p, draft_size=embedder.input_size)) for p in paths]
-    start = time.perf_counter()
-    embedder.embed_prepared(inputs)
-    return len(paths) / (time.perf_counter() - start)
-
-
-def load_only(embedder: Embedder, paths: list[Path]) -> float:
-    """Loading alone (draft decode and preprocessing in the pipeline's loader threads)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from lookalike.core.images import load_image
-
-    def load(path: Path) -> object:
+    def load(path: Path) -> torch.Tensor:
         return embedder.prepare(load_image(path, draft_size=embedder.input_size))
 
     start = time.perf_counter()
     with ThreadPoolExecutor(embedder.load_workers) as pool:
-        list(pool.map(load, paths))
-    return len(paths) / (time.perf_counter() - start)
+        inputs = list(pool.map(load, paths))
+    return len(paths) / (time.perf_counter() - start), inputs
+
+
+def model_only(embedder: Embedder, inputs: list[torch.Tensor]) -> float:
+    start = time.perf_counter()
+    embedder.embed_prepared(inputs)
+    return len(inputs) / (time.perf_counter() - start)
 
 
 def query_ms(embedder: Embedder, path: Path, repeats: int = 9) -> float:
     """One image queried alone (a find-similar request): load, preprocess, embed; median ms."""
-    from lookalike.core.images import load_image
-
     took = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -224,8 +220,8 @@ def bench_model(spec: str, weights: str, paths: list[Path], cache: Path) -> dict
     warm = [Image.open(paths[0]).convert("RGB")]
     plain.embed_images(warm), fast.embed_images(warm * fast.batch_size)
     naive_rate, reference = naive(plain, paths)
-    ceiling = model_only(fast, paths)
-    loading = load_only(fast, paths)
+    loading, inputs = load_only(fast, paths)
+    ceiling = model_only(fast, inputs)
     # Loading and inference share the CPU's cores: with no idle core at any moment, the best a
     # pipeline can do is the two works' rates combined (where inference runs on a GPU, the
     # model-only rate instead).

@@ -35,6 +35,14 @@ DUPLICATES = f"{_JOBS}.find_duplicates"
 COVERAGE = f"{_JOBS}.apply_coverage"
 
 
+def _outage_retry() -> Retry:
+    """For jobs that fail whole while Label Studio or the vector database is away (about an
+    hour): they are tried again until it is back."""
+    return Retry(
+        max=len(LABEL_STUDIO_OUTAGE_RETRY_DELAYS), interval=list(LABEL_STUDIO_OUTAGE_RETRY_DELAYS)
+    )
+
+
 def _batch_retry() -> Retry:
     """RQ retries a batch that failed as a whole (Redis, the model); per-task failures are
     recorded and retried by the job itself."""
@@ -64,13 +72,8 @@ class JobQueue:
     def sync(self, project: int, retry_failed: bool = False) -> Job:
         """List the project's tasks, index the missing, drop the deleted (retry_failed: a
         person asked, so tasks that failed for good are tried again)."""
-        # A sync that fails because Label Studio is away is tried again until it is back.
-        retry = Retry(
-            max=len(LABEL_STUDIO_OUTAGE_RETRY_DELAYS),
-            interval=list(LABEL_STUDIO_OUTAGE_RETRY_DELAYS),
-        )
         return self.queue.enqueue(
-            SYNC, project, retry_failed, job_timeout=SYNC_TIMEOUT, retry=retry,
+            SYNC, project, retry_failed, job_timeout=SYNC_TIMEOUT, retry=_outage_retry(),
             job_id=self._job_id(project),
         )
 
@@ -130,13 +133,10 @@ class JobQueue:
         )
 
     def drop(self, project: int) -> Job:
-        # The vector database may be away when a project is deleted: dropping is idempotent,
-        # so it is tried again on the outage schedule rather than left behind.
-        retry = Retry(
-            max=len(LABEL_STUDIO_OUTAGE_RETRY_DELAYS),
-            interval=list(LABEL_STUDIO_OUTAGE_RETRY_DELAYS),
+        # Dropping is idempotent: tried again if the vector database is away, not left behind.
+        return self.queue.enqueue(
+            DROP, project, retry=_outage_retry(), job_id=self._job_id(project)
         )
-        return self.queue.enqueue(DROP, project, retry=retry, job_id=self._job_id(project))
 
     def duplicates(self, project: int, threshold: float) -> Job:
         """Group the project's near-duplicates at `threshold` (and refresh its tab)."""
